@@ -1,0 +1,101 @@
+"""`horen eval`: N sequential edits from a data file, then score all N (and at checkpoints)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from horen_core.config import HorenConfig
+from horen_core.editor import HorenEditor
+from horen_core.evaluate import edit_seconds_stats, load_records, locality_outputs, score, summarize
+from horen_core.modeling import load_model
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    d = HorenConfig()
+    p.add_argument("--data", required=True, help="ZsRE (MEND format) or CounterFact (EasyEdit format) JSON file")
+    p.add_argument("--format", default="auto", choices=["auto", "zsre", "counterfact"])
+    p.add_argument("--target-field", default="answers", help="ZsRE: answers (answers[0]) or alt")
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument(
+        "--checkpoints", default="", help="comma-separated edit counts at which to re-score all edits so far"
+    )
+    p.add_argument("--model", default=None, help="local HF folder or GGUF file (default: bundled SmolLM2)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", default="horen_eval_results.json")
+    p.add_argument("--reference-procedure", action="store_true", help="the paper's 50 full-model steps per edit")
+    p.add_argument("--converted-dir", default=None, help="cache folder for a dequantised copy of a GGUF model")
+    for name, value in d.to_dict().items():
+        if name in ("reference_procedure", "module_template"):
+            continue
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    p.add_argument("--module-template", default=None)
+
+
+def config_from_args(args: argparse.Namespace) -> HorenConfig:
+    data = {k: getattr(args, k) for k in HorenConfig().to_dict() if hasattr(args, k)}
+    data["reference_procedure"] = args.reference_procedure
+    return HorenConfig.from_dict(data)
+
+
+def peak_memory_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        rss += torch.cuda.max_memory_allocated() / 2**20
+    return round(rss, 1)
+
+
+def run_eval(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    records = load_records(args.data, args.format, args.target_field, args.n, args.offset)
+    model, tokenizer = load_model(args.model, device=args.device, converted_dir=args.converted_dir)
+    editor = HorenEditor(model, tokenizer, config_from_args(args))
+    baseline_loc = locality_outputs(editor, records, edited=False)
+    checkpoints = sorted({int(c) for c in args.checkpoints.split(",") if c.strip()})
+    seconds, steps, created = [], [], 0
+    report: dict = {"config": editor.config.to_dict(), "checkpoints": {}}
+    for i, rec in enumerate(tqdm(records, desc="editing", file=sys.stderr), start=1):
+        res = editor.edit(rec.prompt, rec.target)
+        seconds.append(res.seconds)
+        steps.append(res.steps)
+        created += int(res.created)
+        if i in checkpoints and i < len(records):
+            summary = summarize(score(editor, records[:i], baseline_loc[:i]))
+            report["checkpoints"][str(i)] = {"n": i, **summary, "keys": len(editor.codebook)}
+            print(json.dumps({"checkpoint": i, **summary}), file=sys.stderr)
+    t0 = time.perf_counter()
+    rows = score(editor, records, baseline_loc)
+    for row, s, st in zip(rows, seconds, steps):
+        row["edit_seconds"] = round(s, 4)
+        row["steps"] = st
+    summary = {
+        "n": len(records),
+        **summarize(rows),
+        **edit_seconds_stats(seconds),
+        "mean_steps": round(sum(steps) / max(len(steps), 1), 2),
+        "keys": len(editor.codebook),
+        "peak_memory_mb": peak_memory_mb(),
+        "score_seconds": round(time.perf_counter() - t0, 1),
+        "reference_procedure": bool(args.reference_procedure),
+    }
+    report["summary"] = summary
+    report["records"] = rows
+    Path(args.output).write_text(json.dumps(report, indent=1))
+    return summary
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="horen eval", description=__doc__)
+    add_eval_arguments(p)
+    args = p.parse_args(argv)
+    summary = run_eval(args)
+    print(json.dumps(summary))
+    return 0

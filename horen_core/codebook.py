@@ -1,0 +1,334 @@
+"""The HoReN codebook: unit keys, value vectors, the answer each entry was trained for, and
+which edits own it.
+
+Each entry has a stack of versions, one per edit that created or retrained it. The entry's key is
+the key of its oldest live version and its value that of its newest, so rolling back any one edit
+restores exactly what the remaining edits produced. To keep memory near the raw size of the key and
+value vectors, the live key and value sit in contiguous matrices (the ones retrieval reads) and a
+version stores a copy only while it is shadowed (an older value, or a newer edit's own key).
+
+Not thread-safe on its own: the editor serialises mutation and reads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from horen_core.errors import CorruptStateError, UnknownEditError
+
+_GROW_ROWS = 1024  # capacity grows by fixed chunks, so slack stays below one chunk
+
+
+@dataclass
+class EntryVersion:
+    edit_id: int
+    key: torch.Tensor | None = None  # stored only when this version's key is not the live key
+    value: torch.Tensor | None = None  # stored only when this version's value is not the live value
+
+
+@dataclass
+class Entry:
+    entry_id: int
+    answer: tuple[int, ...]
+    versions: list[EntryVersion] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CodebookChange:
+    """What one add, retrain or rollback did; enough for a caller to mirror it."""
+
+    edit_id: int
+    entry_id: int
+    kind: str  # "created" | "retrained" | "removed_entry" | "restored"
+
+
+class Codebook:
+    def __init__(
+        self,
+        key_dim: int,
+        value_dim: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.key_dim = key_dim
+        self.value_dim = value_dim
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._keys = torch.empty(0, key_dim, device=self.device, dtype=dtype)
+        self._values = torch.empty(0, value_dim, device=self.device, dtype=dtype)
+        self._size = 0
+        self._row_entry: list[int] = []  # row -> entry_id
+        self._row_of: dict[int, int] = {}  # entry_id -> row
+        self._entries: dict[int, Entry] = {}
+        self._edit_entry: dict[int, int] = {}  # edit_id -> entry_id
+        self._next_entry_id = 1
+        self.generation = 0  # bumped on every change; lets derived indexes know they are stale
+
+    # ---- read side -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._keys[: self._size]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._values[: self._size]
+
+    def entry_id_at(self, row: int) -> int:
+        return self._row_entry[row]
+
+    def row_of(self, entry_id: int) -> int:
+        return self._row_of[entry_id]
+
+    def entry(self, entry_id: int) -> Entry:
+        return self._entries[entry_id]
+
+    def entry_of_edit(self, edit_id: int) -> int | None:
+        return self._edit_entry.get(edit_id)
+
+    def owner_edit(self, entry_id: int) -> int:
+        """The newest live edit of an entry: the one whose value is applied."""
+        return self._entries[entry_id].versions[-1].edit_id
+
+    def edit_ids(self) -> list[int]:
+        return sorted(self._edit_entry)
+
+    def nbytes(self) -> int:
+        """Bytes held by tensors, live matrices at capacity plus stored versions."""
+        total = self._keys.numel() * self._keys.element_size() + self._values.numel() * self._values.element_size()
+        for entry in self._entries.values():
+            for v in entry.versions:
+                for t in (v.key, v.value):
+                    if t is not None:
+                        total += t.numel() * t.element_size()
+        return total
+
+    # ---- write side ------------------------------------------------------------------------
+    def _ensure_capacity(self, rows: int) -> None:
+        if rows <= self._keys.shape[0]:
+            return
+        cap = ((rows + _GROW_ROWS - 1) // _GROW_ROWS) * _GROW_ROWS
+        keys = torch.zeros(cap, self.key_dim, device=self.device, dtype=self.dtype)
+        values = torch.zeros(cap, self.value_dim, device=self.device, dtype=self.dtype)
+        keys[: self._size] = self._keys[: self._size]
+        values[: self._size] = self._values[: self._size]
+        self._keys, self._values = keys, values
+
+    def _prep(self, t: torch.Tensor, dim: int, what: str) -> torch.Tensor:
+        t = t.detach().reshape(-1).to(device=self.device, dtype=self.dtype)
+        if t.numel() != dim:
+            raise CorruptStateError(f"{what} has {t.numel()} elements, expected {dim}")
+        if not torch.isfinite(t).all():
+            raise CorruptStateError(f"{what} contains NaN or infinity")
+        return t
+
+    def add(
+        self,
+        edit_id: int,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        answer: tuple[int, ...] | list[int],
+        entry_id: int | None = None,
+    ) -> CodebookChange:
+        """Create a new entry owned by ``edit_id``. ``entry_id`` is given when replaying a log."""
+        if edit_id in self._edit_entry:
+            raise CorruptStateError(f"edit {edit_id} is already in the codebook")
+        key = torch.nn.functional.normalize(self._prep(key, self.key_dim, "key"), dim=0)
+        value = self._prep(value, self.value_dim, "value")
+        if entry_id is None:
+            entry_id = self._next_entry_id
+        if entry_id in self._entries:
+            raise CorruptStateError(f"entry {entry_id} already exists")
+        self._next_entry_id = max(self._next_entry_id, entry_id + 1)
+        self._ensure_capacity(self._size + 1)
+        row = self._size
+        self._keys[row] = key
+        self._values[row] = value
+        self._size += 1
+        self._row_entry.append(entry_id)
+        self._row_of[entry_id] = row
+        self._entries[entry_id] = Entry(entry_id, tuple(int(t) for t in answer), [EntryVersion(edit_id)])
+        self._edit_entry[edit_id] = entry_id
+        self.generation += 1
+        return CodebookChange(edit_id, entry_id, "created")
+
+    def retrain(self, edit_id: int, entry_id: int, key: torch.Tensor, value: torch.Tensor) -> CodebookChange:
+        """Push a new value for an existing entry; ``key`` is this edit's own query, kept for rollback."""
+        if edit_id in self._edit_entry:
+            raise CorruptStateError(f"edit {edit_id} is already in the codebook")
+        entry = self._entries.get(entry_id)
+        if entry is None:
+            raise CorruptStateError(f"entry {entry_id} does not exist")
+        key = torch.nn.functional.normalize(self._prep(key, self.key_dim, "key"), dim=0)
+        value = self._prep(value, self.value_dim, "value")
+        row = self._row_of[entry_id]
+        entry.versions[-1].value = self._values[row].clone()  # the shadowed value
+        entry.versions.append(EntryVersion(edit_id, key=key.clone()))
+        self._values[row] = value
+        self._edit_entry[edit_id] = entry_id
+        self.generation += 1
+        return CodebookChange(edit_id, entry_id, "retrained")
+
+    def rollback(self, edit_id: int) -> CodebookChange:
+        """Remove one edit's version; the entry goes when no version remains."""
+        entry_id = self._edit_entry.pop(edit_id, None)
+        if entry_id is None:
+            raise UnknownEditError(f"edit {edit_id} is not in the codebook")
+        entry = self._entries[entry_id]
+        pos = next(i for i, v in enumerate(entry.versions) if v.edit_id == edit_id)
+        row = self._row_of[entry_id]
+        self.generation += 1
+        if len(entry.versions) == 1:
+            self._remove_row(row)
+            del self._entries[entry_id]
+            return CodebookChange(edit_id, entry_id, "removed_entry")
+        removed = entry.versions.pop(pos)
+        if pos == len(entry.versions):  # it was the newest: its predecessor's value comes back
+            newest = entry.versions[-1]
+            self._values[row] = newest.value
+            newest.value = None
+        if pos == 0:  # it was the oldest: the next one's key becomes the entry's key
+            oldest = entry.versions[0]
+            self._keys[row] = oldest.key
+            oldest.key = None
+        del removed
+        return CodebookChange(edit_id, entry_id, "restored")
+
+    def _remove_row(self, row: int) -> None:
+        last = self._size - 1
+        entry_id = self._row_entry[row]
+        if row != last:
+            moved = self._row_entry[last]
+            self._keys[row] = self._keys[last]
+            self._values[row] = self._values[last]
+            self._row_entry[row] = moved
+            self._row_of[moved] = row
+        self._row_entry.pop()
+        del self._row_of[entry_id]
+        self._size -= 1
+
+    # ---- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Plain tensors describing the whole codebook (ordered by row)."""
+        n = self._size
+        answers: list[int] = []
+        answer_offsets = [0]
+        ver_entry, ver_edit, ver_key_idx, ver_value_idx = [], [], [], []
+        extra_keys: list[torch.Tensor] = []
+        extra_values: list[torch.Tensor] = []
+        for row in range(n):
+            entry = self._entries[self._row_entry[row]]
+            answers.extend(entry.answer)
+            answer_offsets.append(len(answers))
+            for v in entry.versions:
+                ver_entry.append(entry.entry_id)
+                ver_edit.append(v.edit_id)
+                if v.key is not None:
+                    ver_key_idx.append(len(extra_keys))
+                    extra_keys.append(v.key)
+                else:
+                    ver_key_idx.append(-1)
+                if v.value is not None:
+                    ver_value_idx.append(len(extra_values))
+                    extra_values.append(v.value)
+                else:
+                    ver_value_idx.append(-1)
+
+        def stack(ts: list[torch.Tensor], dim: int) -> torch.Tensor:
+            if not ts:
+                return torch.zeros(0, dim, dtype=self.dtype)
+            return torch.stack([t.cpu() for t in ts])
+
+        return {
+            "keys": self.keys.detach().cpu().clone(),
+            "values": self.values.detach().cpu().clone(),
+            "entry_ids": torch.tensor(self._row_entry, dtype=torch.int64),
+            "answers": torch.tensor(answers, dtype=torch.int64),
+            "answer_offsets": torch.tensor(answer_offsets, dtype=torch.int64),
+            "version_entry": torch.tensor(ver_entry, dtype=torch.int64),
+            "version_edit": torch.tensor(ver_edit, dtype=torch.int64),
+            "version_key_index": torch.tensor(ver_key_idx, dtype=torch.int64),
+            "version_value_index": torch.tensor(ver_value_idx, dtype=torch.int64),
+            "version_keys": stack(extra_keys, self.key_dim),
+            "version_values": stack(extra_values, self.value_dim),
+            "next_entry_id": torch.tensor([self._next_entry_id], dtype=torch.int64),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace this codebook's contents; validates shapes and finiteness first."""
+        try:
+            keys, values = state["keys"], state["values"]
+            entry_ids = state["entry_ids"].tolist()
+            answers = state["answers"].tolist()
+            offsets = state["answer_offsets"].tolist()
+            ver_entry = state["version_entry"].tolist()
+            ver_edit = state["version_edit"].tolist()
+            ver_key_idx = state["version_key_index"].tolist()
+            ver_value_idx = state["version_value_index"].tolist()
+            vkeys, vvalues = state["version_keys"], state["version_values"]
+            next_entry_id = int(state["next_entry_id"][0])
+        except (KeyError, IndexError) as exc:
+            raise CorruptStateError(f"codebook state is missing {exc}") from exc
+        n = len(entry_ids)
+        if keys.shape != (n, self.key_dim) or values.shape != (n, self.value_dim):
+            raise CorruptStateError(
+                f"codebook shapes {tuple(keys.shape)}/{tuple(values.shape)} do not match "
+                f"key_dim={self.key_dim}, value_dim={self.value_dim}"
+            )
+        if len(offsets) != n + 1 or len(set(entry_ids)) != n:
+            raise CorruptStateError("codebook answer offsets or entry ids are inconsistent")
+        for name in ("keys", "values", "version_keys", "version_values"):
+            if not torch.isfinite(state[name]).all():
+                raise CorruptStateError(f"codebook tensor {name!r} contains NaN or infinity")
+        if not (len(ver_entry) == len(ver_edit) == len(ver_key_idx) == len(ver_value_idx)):
+            raise CorruptStateError("codebook version arrays have different lengths")
+
+        fresh = Codebook(self.key_dim, self.value_dim, self.device, self.dtype)
+        fresh._ensure_capacity(n)
+        fresh._keys[:n] = keys.to(fresh.device, fresh.dtype)
+        fresh._values[:n] = values.to(fresh.device, fresh.dtype)
+        fresh._size = n
+        fresh._row_entry = list(entry_ids)
+        fresh._row_of = {e: r for r, e in enumerate(entry_ids)}
+        for r, e in enumerate(entry_ids):
+            fresh._entries[e] = Entry(e, tuple(answers[offsets[r] : offsets[r + 1]]))
+        for e, ed, ki, vi in zip(ver_entry, ver_edit, ver_key_idx, ver_value_idx):
+            if e not in fresh._entries or ed in fresh._edit_entry:
+                raise CorruptStateError(f"codebook version (entry {e}, edit {ed}) is inconsistent")
+            k = vkeys[ki].to(fresh.device, fresh.dtype) if ki >= 0 else None
+            v = vvalues[vi].to(fresh.device, fresh.dtype) if vi >= 0 else None
+            fresh._entries[e].versions.append(EntryVersion(ed, k, v))
+            fresh._edit_entry[ed] = e
+        if any(not entry.versions for entry in fresh._entries.values()):
+            raise CorruptStateError("codebook entry without any owning edit")
+        fresh._next_entry_id = max(next_entry_id, max(entry_ids, default=0) + 1)
+        fresh.generation = self.generation + 1
+        self.__dict__.update(fresh.__dict__)
+
+    def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+        meta = {"horen_codebook": "1", **(metadata or {})}
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata=meta)
+
+    @staticmethod
+    def read_metadata(path: str | Path) -> dict[str, str]:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+
+    def load(self, path: str | Path) -> None:
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # safetensors raises several types for a damaged file
+            raise CorruptStateError(f"cannot read codebook file {path}: {exc}") from exc
+        self.load_state_dict(state)
+
+    def describe(self) -> str:
+        return json.dumps({"entries": self._size, "edits": len(self._edit_entry)})

@@ -1,0 +1,56 @@
+"""Typed configuration for the HoReN editor. No environment variables are read here."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass
+class HorenConfig:
+    # index of the decoder layer whose MLP down-projection is wrapped; negative counts from the top
+    layer: int = -6
+    # dotted module path template of the wrapped module; None picks the family default
+    module_template: str | None = None
+    # query = mean of the layer input over this part of the prompt: "last_fraction", "last_token", "all"
+    query_strategy: str = "last_fraction"
+    # fraction of prompt tokens (from the end) averaged into the query when strategy is last_fraction
+    query_fraction: float = 0.6
+    # damping of each Hopfield attractor step (0 = no refinement)
+    hopfield_alpha: float = 0.1
+    # inverse temperature of the Hopfield softmax over keys
+    hopfield_beta: float = 20.0
+    # number of damped attractor steps applied to a query
+    hopfield_steps: int = 1
+    # minimum cosine between refined query and best key for the key's value to be applied
+    threshold: float = 0.8
+    # Adam learning rate for the value vector
+    lr: float = 0.5
+    # iteration cap for training one value
+    max_steps: int = 50
+    # early stop once greedy decoding reproduces the target and the mean target NLL is below this
+    stop_loss: float = 0.05
+    # the paper's public procedure: fixed max_steps, full-model forward/backward, no early stop
+    reference_procedure: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HorenConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def validate(self) -> None:
+        from horen_core.errors import ConfigError
+
+        if self.query_strategy not in {"last_fraction", "last_token", "all"}:
+            raise ConfigError(f"unknown query_strategy {self.query_strategy!r}")
+        if not 0.0 < self.query_fraction <= 1.0:
+            raise ConfigError("query_fraction must be in (0, 1]")
+        if not 0.0 <= self.hopfield_alpha <= 1.0:
+            raise ConfigError("hopfield_alpha must be in [0, 1]")
+        if self.hopfield_steps < 0 or self.max_steps < 1:
+            raise ConfigError("hopfield_steps must be >= 0 and max_steps >= 1")
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ConfigError("threshold is a cosine and must be in [-1, 1]")

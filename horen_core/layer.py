@@ -1,0 +1,136 @@
+"""The wrapped down-projection and the per-call plans that drive it.
+
+The wrapper keeps the original module as ``base_layer`` and, with no plan active, is exactly that
+module. What a forward pass should do (route and inject, inject a value being trained, capture the
+layer input) is a plan object that lives in a ``ContextVar`` for the duration of one call: it is
+never stored on the module, so two threads' requests cannot see each other's routing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ACTIVE_PLAN: ContextVar[Plan | None] = ContextVar("horen_active_plan", default=None)
+
+
+@contextlib.contextmanager
+def activate(plan: Plan) -> Iterator[Plan]:
+    token = _ACTIVE_PLAN.set(plan)
+    try:
+        yield plan
+    finally:
+        _ACTIVE_PLAN.reset(token)
+
+
+def query_weights(prompt_mask: torch.Tensor, strategy: str, fraction: float) -> torch.Tensor:
+    """[B, T] averaging weights over the last part of each row's prompt tokens (padding either side)."""
+    mask = prompt_mask.to(torch.float32)
+    lengths = mask.sum(dim=1, keepdim=True).clamp(min=1)
+    if strategy == "last_token":
+        n = torch.ones_like(lengths)
+    elif strategy == "all":
+        n = lengths
+    else:
+        n = torch.ceil(lengths * fraction).clamp(min=1)
+    rank = torch.cumsum(mask, dim=1)  # 1..len at the row's prompt tokens
+    sel = (mask > 0) & (rank > lengths - n)
+    return sel.to(torch.float32) / n
+
+
+def last_prompt_index(prompt_mask: torch.Tensor) -> torch.Tensor:
+    """[B] position of each row's last prompt token."""
+    t = prompt_mask.shape[1]
+    idx = torch.arange(t, device=prompt_mask.device).expand_as(prompt_mask)
+    return torch.where(prompt_mask.bool(), idx, torch.full_like(idx, -1)).max(dim=1).values
+
+
+def compute_queries(x: torch.Tensor, prompt_mask: torch.Tensor, strategy: str, fraction: float) -> torch.Tensor:
+    w = query_weights(prompt_mask, strategy, fraction).to(x.device)
+    return F.normalize(torch.einsum("bt,btd->bd", w, x.float()), dim=-1)
+
+
+class Plan:
+    """What the wrapped layer does during one call."""
+
+    layer: HorenLayer
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+Router = Callable[[torch.Tensor], tuple[torch.Tensor, list[int | None], torch.Tensor]]
+
+
+@dataclass
+class RoutePlan(Plan):
+    """Route each row's prompt on the first (prefill) call and add the routed value at its last
+    prompt token; later calls (decode steps over a KV cache) pass through untouched."""
+
+    layer: HorenLayer
+    prompt_mask: torch.Tensor  # [B, T] 1 at prompt tokens
+    router: Router  # unit queries [B, dk] -> (values [B, dv], entry ids, scores)
+    strategy: str
+    fraction: float
+    done: bool = False
+    entry_ids: list[int | None] = field(default_factory=list)
+    scores: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.done or x.shape[1] != self.prompt_mask.shape[1]:
+            return out
+        self.done = True
+        mask = self.prompt_mask.to(x.device)
+        self.queries = compute_queries(x, mask, self.strategy, self.fraction)
+        values, self.entry_ids, self.scores = self.router(self.queries)
+        if all(e is None for e in self.entry_ids):
+            return out
+        pos = last_prompt_index(mask)
+        rows = torch.arange(x.shape[0], device=out.device)
+        out = out.clone()
+        out[rows, pos.to(out.device)] += values.to(device=out.device, dtype=out.dtype)
+        return out
+
+
+@dataclass
+class InjectPlan(Plan):
+    """Add given values at given positions (training on the full model); optionally record the input."""
+
+    layer: HorenLayer
+    positions: torch.Tensor | None = None  # [B]
+    values: torch.Tensor | None = None  # [B, dv]
+    captured: torch.Tensor | None = None
+    capture: bool = False
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.capture:
+            self.captured = x.detach()
+        if self.values is None:
+            return out
+        rows = torch.arange(x.shape[0], device=out.device)
+        onehot = torch.zeros(out.shape[:2] + (1,), device=out.device, dtype=out.dtype)
+        onehot[rows, self.positions.to(out.device)] = 1
+        return out + onehot * self.values.to(out.dtype)[:, None, :]
+
+
+class HorenLayer(nn.Module):
+    """A down-projection with a HoReN codebook in front of its output."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.disabled = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        plan = _ACTIVE_PLAN.get()
+        if plan is None or self.disabled or plan.layer is not self:
+            return out
+        return plan.apply(x, out)

