@@ -79,6 +79,7 @@ class HorenEditor:
         )
         self.lock = threading.RLock()
         self._next_edit_id = 1
+        self._prefix_cache_ok: bool | None = None  # checked on the first fast-path edit
 
     # ---- identity ---------------------------------------------------------------------------
     @property
@@ -294,21 +295,10 @@ class HorenEditor:
         opt = torch.optim.Adam([value], lr=cfg.lr)
         target = torch.tensor(target_ids, device=self.device)
         m = len(target_ids)
-        s = ids.shape[1]
-        positions = torch.arange(s, device=self.device)[None]
-        onehot = torch.zeros(1, s, 1, device=self.device, dtype=self.model_dtype)
-        onehot[0, p] = 1
-        fast = hidden is not None
+        forward = self._step_forward(ids, p, m, hidden)
         steps, loss_value = 0, float("nan")
         for step in range(cfg.max_steps + 1):
-            if fast:
-                logits = self.adapter.upper_logits(
-                    hidden + onehot * value.to(self.model_dtype), positions, slice(p, p + m)
-                )[0]
-            else:
-                plan = InjectPlan(self.layer, positions=torch.tensor([p], device=self.device), values=value[None])
-                with activate(plan):
-                    logits = self.model(input_ids=ids).logits[0, p : p + m]
+            logits = forward(value)
             loss = F.cross_entropy(logits.float(), target)
             loss_value = float(loss.detach())
             if step == cfg.max_steps:
@@ -320,8 +310,50 @@ class HorenEditor:
             loss.backward()
             opt.step()
             steps += 1
-        del opt
+        del opt, forward
         return value.detach(), steps, loss_value
+
+    def _step_forward(
+        self, ids: torch.Tensor, p: int, m: int, hidden: torch.Tensor | None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """value -> logits [m, vocab] at the target positions, by the cheapest exact route."""
+        dtype = self.model_dtype
+        if hidden is None:  # the full model (reference procedure, or a family without a fast path)
+
+            def full(value: torch.Tensor) -> torch.Tensor:
+                plan = InjectPlan(self.layer, positions=torch.tensor([p], device=self.device), values=value[None])
+                with activate(plan):
+                    return self.model(input_ids=ids).logits[0, p : p + m]
+
+            return full
+        s = hidden.shape[1]
+        if p > 0 and self._prefix_cache_ok is not False:
+            cache = self.adapter.prefix_cache(hidden[:, :p])
+            suffix = hidden[:, p:]
+            onehot = torch.zeros(1, s - p, 1, device=self.device, dtype=dtype)
+            onehot[0, 0] = 1
+
+            def cached(value: torch.Tensor) -> torch.Tensor:
+                return self.adapter.upper_logits_suffix(suffix + onehot * value.to(dtype), p, cache)[0, :m]
+
+            if self._prefix_cache_ok is None:  # verify once that this model honours the cache
+                with torch.no_grad():
+                    ref = self.adapter.upper_logits(hidden, slice(p, p + m))[0]
+                    got = cached(torch.zeros(self.codebook.value_dim, device=self.device))
+                tol = 1e-3 if dtype == torch.float32 else 5e-2
+                self._prefix_cache_ok = bool(
+                    torch.allclose(ref.float(), got.float(), atol=tol * ref.abs().max().item())
+                )
+                if not self._prefix_cache_ok:
+                    return self._step_forward(ids, p, m, hidden)
+            return cached
+        onehot = torch.zeros(1, s, 1, device=self.device, dtype=dtype)
+        onehot[0, p] = 1
+
+        def upper(value: torch.Tensor) -> torch.Tensor:
+            return self.adapter.upper_logits(hidden + onehot * value.to(dtype), slice(p, p + m))[0]
+
+        return upper
 
     # ---- rollback & state -------------------------------------------------------------------
     def rollback(self, edit_id: int) -> CodebookChange:

@@ -179,24 +179,72 @@ class ModelAdapter:
     def supports_fast_path(self) -> bool:
         return self.family in ("llama", "gpt2")
 
-    def upper_logits(self, hidden: torch.Tensor, position_ids: torch.Tensor, positions: slice) -> torch.Tensor:
-        """Run the layers above the edited one on ``hidden`` (the edited layer's output, one unpadded
-        sequence [1, S, d]) and return logits only at ``positions``."""
-        s = hidden.shape[1]
-        mask = torch.full((s, s), torch.finfo(hidden.dtype).min, device=hidden.device, dtype=hidden.dtype)
-        mask = torch.triu(mask, diagonal=1)[None, None]
+    def _run_upper(self, h: torch.Tensor, start: int, cache: _PrefixKV | None) -> torch.Tensor:
+        t = h.shape[1]
+        total = start + t
+        # causal mask for queries at absolute positions start..total-1 over keys 0..total-1
+        q_pos = torch.arange(start, total, device=h.device)[:, None]
+        k_pos = torch.arange(total if cache is not None else t, device=h.device)[None, :]
+        if cache is None:
+            k_pos = k_pos + start
+        mask = torch.zeros(t, k_pos.shape[1], device=h.device, dtype=h.dtype)
+        mask = mask.masked_fill(k_pos > q_pos, torch.finfo(h.dtype).min)[None, None]
         kwargs: dict[str, Any] = {"attention_mask": mask}
+        position_ids = torch.arange(start, total, device=h.device)[None]
         if self.family == "llama":
             kwargs["position_ids"] = position_ids
-            kwargs["position_embeddings"] = self.rotary(hidden, position_ids)
-        h = hidden
+            kwargs["position_embeddings"] = self.rotary(h, position_ids)
+        if cache is not None:
+            kwargs[self._cache_kwarg()] = cache
         for layer in self.layers[self.layer_index + 1 :]:
             out = layer(h, **kwargs)
             h = out[0] if isinstance(out, tuple) else out
-        h = h[:, positions]
-        if self.final_norm is not None:
-            h = self.final_norm(h)
-        return self.lm_head(h)
+        return h
+
+    def _cache_kwarg(self) -> str:
+        import inspect
+
+        params = inspect.signature(self.layers[self.layer_index].forward).parameters
+        for name in ("cache", "past_key_values", "past_key_value", "layer_past"):
+            if name in params:
+                return name
+        return "cache"
+
+    def upper_logits(self, hidden: torch.Tensor, positions: slice) -> torch.Tensor:
+        """Run the layers above the edited one on ``hidden`` (the edited layer's output for one
+        unpadded sequence [1, S, d]) and return logits only at ``positions``."""
+        h = self._run_upper(hidden, 0, None)[:, positions]
+        return self.lm_head(self.final_norm(h) if self.final_norm is not None else h)
+
+    @torch.no_grad()
+    def prefix_cache(self, hidden_prefix: torch.Tensor) -> _PrefixKV:
+        """Keys/values of the layers above for positions that an edit's value cannot reach."""
+        cache = _PrefixKV()
+        self._run_upper(hidden_prefix, 0, cache)
+        cache.recording = False
+        return cache
+
+    def upper_logits_suffix(self, hidden_suffix: torch.Tensor, start: int, cache: _PrefixKV) -> torch.Tensor:
+        """Logits for every position of a suffix that starts at absolute position ``start``, given
+        the prefix's cached keys/values."""
+        h = self._run_upper(hidden_suffix, start, cache)
+        return self.lm_head(self.final_norm(h) if self.final_norm is not None else h)
+
+
+class _PrefixKV:
+    """The minimal cache interface HF attention layers call (``update``): records the prefix's
+    keys/values once, then prepends them to each step's suffix keys/values."""
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.recording = True
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        if self.recording:
+            self.kv[layer_idx] = (key.detach(), value.detach())
+            return key, value
+        pk, pv = self.kv[layer_idx]
+        return torch.cat([pk, key], dim=-2), torch.cat([pv, value], dim=-2)
 
 
 def module_dims(module: nn.Module) -> tuple[int, int]:

@@ -1,0 +1,78 @@
+"""Request and response models, separate for input and output."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _not_blank(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must not be empty or only whitespace")
+    return v
+
+
+class EditCreate(_Strict):
+    prompt: str = Field(min_length=1, max_length=20000, examples=["What is the capital of Atlantis?"])
+    target: str = Field(min_length=1, max_length=2000, examples=["Poseidonia"])
+    metadata: dict[str, Any] | None = None
+
+    _check = field_validator("prompt", "target")(_not_blank)
+
+
+class EditBatchCreate(_Strict):
+    edits: list[EditCreate] = Field(min_length=1, max_length=100)
+
+
+class EditOut(BaseModel):
+    id: int
+    prompt: str
+    target: str
+    metadata: dict[str, Any]
+    status: Literal["active", "rolled_back"]
+    created_at: datetime
+    rolled_back_at: datetime | None = None
+    rolled_back_by: str | None = None
+    entry_id: int = Field(description="codebook entry this edit created or retrained")
+    new_key: bool = Field(description="true if the edit added a key; false if it retrained a matching key")
+    steps: int = Field(description="optimiser steps used to train the value")
+    final_loss: float
+    train_ms: float
+
+
+class EditBatchOut(BaseModel):
+    items: list[EditOut]
+
+
+class EditList(BaseModel):
+    items: list[EditOut]
+    total: int
+
+
+class GenerateRequest(_Strict):
+    prompt: str = Field(min_length=1, max_length=20000)
+    max_new_tokens: int = Field(default=32, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=5.0)
+
+    _check = field_validator("prompt")(_not_blank)
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _int_ok(cls, v: Any) -> Any:
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+class GenerateOut(BaseModel):
+    text: str = Field(description="the continuation only")
+    edit_id: int | None = Field(description="the edit whose codebook entry routed this prompt, or null")
+
+
+class Health(BaseModel):
+    status: str
+    detail: dict[str, Any] = {}

@@ -1,0 +1,413 @@
+"""The engine: one thread owns the model, the HoReN editor, the FAISS index and all device work.
+
+Requests reach it through a bounded queue and get their results back as futures, so the event loop
+never blocks on torch. Jobs run in the order they were accepted; generate jobs waiting together run
+as one batch. The database is the source of truth: an edit is trained, then committed (with the
+codebook change) and only then applied to the in-memory codebook and acknowledged. Changes
+committed by other replicas are applied from the event log without retraining. The engine knows
+nothing about HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from horen_core import HorenEditor, load_model
+from horen_core.errors import UnknownEditError
+from service.db import repository as repo
+from service.db.session import make_engine, make_session_factory
+from service.index import KeyIndex
+from service.metrics import Metrics
+from service.replication import NOTIFY_CHANNEL, edit_to_dict, notify, psycopg_conninfo
+from service.settings import Settings
+
+log = logging.getLogger("horen.engine")
+
+
+class QueueFullError(Exception):
+    """The engine's queue is full; the caller should retry later."""
+
+
+class NotReadyError(Exception):
+    """The model is still loading or the engine has stopped."""
+
+
+class EditNotFoundError(Exception):
+    """No edit with that id in this codebook."""
+
+
+class EditConflictError(Exception):
+    """Another replica kept changing the same codebook entry; the edit was not stored."""
+
+
+@dataclass
+class Job:
+    kind: str  # "edit" | "edits" | "generate" | "rollback" | "sync"
+    payload: dict[str, Any]
+    future: Future = field(default_factory=Future)
+    accepted: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class GenerateResult:
+    text: str
+    edit_id: int | None
+
+
+class Engine:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self._queue: queue.Queue[Job] = queue.Queue(maxsize=settings.queue_size)
+        self._held: Job | None = None  # a job pulled while collecting a generate batch
+        self._thread = threading.Thread(target=self._run, name="horen-engine", daemon=True)
+        self._stop = threading.Event()
+        self.ready = threading.Event()
+        self.load_error: BaseException | None = None
+        self.editor: HorenEditor | None = None
+        self.index: KeyIndex | None = None
+        self.codebook_id: int | None = None
+        self.last_event_id = 0
+        self.last_sync = 0.0
+        self.db_engine = make_engine(settings.resolved_database_url())
+        self.sessions = make_session_factory(self.db_engine)
+        self._listener: threading.Thread | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        try:
+            self._queue.put_nowait(Job("stop", {}))
+        except queue.Full:
+            pass
+        self._thread.join(timeout)
+        self.db_engine.dispose()
+
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, kind: str, **payload: Any) -> Future:
+        if self.load_error is not None or self._stop.is_set():
+            raise NotReadyError("the engine is not running")
+        job = Job(kind, payload)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            self.metrics.rejected.inc()
+            raise QueueFullError("the request queue is full") from None
+        self.metrics.queue_depth.set(self._queue.qsize())
+        return job.future
+
+    # ---- the engine thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._load()
+        except BaseException as exc:  # reported by /readyz; the process keeps serving /healthz
+            log.exception("engine failed to start")
+            self.load_error = exc
+            return
+        self.ready.set()
+        self._start_listener()
+        while not self._stop.is_set():
+            try:
+                job = self._next_job(timeout=self.settings.sync_interval)
+            except queue.Empty:
+                self._safe_sync()
+                continue
+            if job.kind == "stop":
+                break
+            if job.kind == "generate":
+                self._run_generate_batch(job)
+            else:
+                self._run_one(job)
+            self.metrics.queue_depth.set(self._queue.qsize())
+            if time.monotonic() - self.last_sync > self.settings.sync_interval:
+                self._safe_sync()
+
+    def _next_job(self, timeout: float) -> Job:
+        if self._held is not None:
+            job, self._held = self._held, None
+            return job
+        return self._queue.get(timeout=timeout)
+
+    def _run_one(self, job: Job) -> None:
+        handler: Callable[..., Any] = getattr(self, f"_do_{job.kind}")
+        if not job.future.set_running_or_notify_cancel():
+            return
+        try:
+            job.future.set_result(handler(**job.payload))
+        except BaseException as exc:
+            job.future.set_exception(exc)
+
+    def _run_generate_batch(self, first: Job) -> None:
+        batch = [first]
+        while len(batch) < self.settings.max_batch:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt.kind != "generate":
+                self._held = nxt  # keeps the total order: it runs right after this batch
+                break
+            batch.append(nxt)
+        batch = [j for j in batch if j.future.set_running_or_notify_cancel()]
+        groups: dict[float, list[Job]] = {}
+        for j in batch:
+            groups.setdefault(float(j.payload["temperature"]), []).append(j)
+        for temperature, jobs in groups.items():
+            self._generate_group(jobs, temperature)
+
+    def _generate_group(self, jobs: list[Job], temperature: float) -> None:
+        editor = self.editor
+        assert editor is not None
+        ok: list[tuple[Job, list[int]]] = []
+        for j in jobs:
+            try:
+                ok.append((j, editor.encode_prompt(j.payload["prompt"], reserve=j.payload["max_new_tokens"])))
+            except Exception as exc:
+                j.future.set_exception(exc)
+        if not ok:
+            return
+        n = max(j.payload["max_new_tokens"] for j, _ in ok)
+        t0 = time.perf_counter()
+        try:
+            gens = editor.generate([], max_new_tokens=n, temperature=temperature, prompt_ids=[ids for _, ids in ok])
+        except Exception as exc:
+            for j, _ in ok:
+                j.future.set_exception(exc)
+            return
+        self.metrics.generate_batch.observe(len(ok))
+        for (j, _), g in zip(ok, gens):
+            toks = g.token_ids[: j.payload["max_new_tokens"]]
+            text = editor.tokenizer.decode(toks, skip_special_tokens=True)
+            j.future.set_result(GenerateResult(text=text, edit_id=g.edit_id))
+            self.metrics.generate_latency.observe(time.perf_counter() - j.accepted)
+        log.debug("generated %d in %.3fs", len(ok), time.perf_counter() - t0)
+
+    # ---- loading and sync --------------------------------------------------------------------
+    def _load(self) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        model, tokenizer = load_model(
+            s.model or None,
+            device=s.device,
+            device_map=s.device_map or None,
+            converted_dir=s.converted_dir or s.data_dir / "converted",
+        )
+        editor = HorenEditor(model, tokenizer, s.horen_config())
+        ident = editor.identity
+        with self.sessions.begin() as session:
+            cb = repo.get_or_create_codebook(
+                session, ident["model"], ident["module"], editor.codebook.key_dim, editor.codebook.value_dim
+            )
+            self.codebook_id = cb.id
+        self.editor = editor
+        use_gpu = editor.device.type == "cuda"
+        self.index = KeyIndex(editor.codebook.key_dim, top_k=s.index_top_k, min_keys=s.index_min_keys, use_gpu=use_gpu)
+        editor.candidate_provider = self.index.candidate_provider(editor.codebook)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Replay every active edit of this codebook, in order, from the database."""
+        editor = self.editor
+        assert editor is not None
+        with self.sessions() as session:
+            last = repo.last_event_id(session, self.codebook_id)
+            for e in repo.active_edits(session, self.codebook_id):
+                self._apply_edit_row(e)
+        self.last_event_id = last
+        self._sync()  # whatever was committed while we replayed
+        self._after_change()
+        log.info("codebook rebuilt: %d entries from the database", len(editor.codebook))
+
+    def _apply_edit_row(self, e: Any) -> None:
+        editor = self.editor
+        if editor.codebook.entry_of_edit(e.id) is not None:
+            return
+        dk, dv = editor.codebook.key_dim, editor.codebook.value_dim
+        editor.apply_version(
+            e.id, e.entry_id, repo.bytes_to_tensor(e.key, dk), repo.bytes_to_tensor(e.value, dv), e.answer_ids
+        )
+
+    def _sync(self) -> int:
+        """Apply events committed by other processes since the last one seen. Returns how many."""
+        applied = 0
+        with self.sessions() as session:
+            applied = self._apply_events(session)
+        self.last_sync = time.monotonic()
+        return applied
+
+    def _apply_events(self, session: Any) -> int:
+        editor = self.editor
+        events = repo.events_after(session, self.codebook_id, self.last_event_id)
+        for ev in events:
+            edit = repo.get_edit(session, ev.edit_id)
+            if ev.kind == "edit":
+                if edit is not None:
+                    self._apply_edit_row(edit)
+            elif ev.kind == "rollback":
+                try:
+                    editor.rollback(ev.edit_id)
+                except UnknownEditError:
+                    pass  # never applied here (e.g. rolled back before we replayed)
+            self.last_event_id = ev.id
+        if events:
+            self._after_change()
+        return len(events)
+
+    def _safe_sync(self) -> None:
+        try:
+            self._sync()
+        except Exception:
+            log.exception("catch-up from the database failed; will retry")
+
+    def _after_change(self) -> None:
+        if self.index is not None and self.editor is not None:
+            self.index.sync(self.editor.codebook)
+        if self.editor is not None:
+            self.metrics.codebook_size.set(len(self.editor.codebook))
+
+    def _do_sync(self) -> int:
+        return self._sync()
+
+    def _start_listener(self) -> None:
+        url = self.settings.resolved_database_url()
+        if not url.startswith("postgresql"):
+            return
+        self._listener = threading.Thread(target=self._listen, args=(url,), name="horen-listen", daemon=True)
+        self._listener.start()
+
+    def _listen(self, url: str) -> None:
+        """PostgreSQL LISTEN: wake the engine as soon as another replica commits an event."""
+        import psycopg
+
+        conninfo = psycopg_conninfo(url)
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(conninfo, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    for _ in conn.notifies(timeout=self.settings.sync_interval * 5):
+                        if self._stop.is_set():
+                            return
+                        try:
+                            self.submit("sync")
+                        except (QueueFullError, NotReadyError):
+                            pass  # the periodic catch-up will get it
+            except Exception:
+                log.warning("LISTEN connection lost; retrying", exc_info=True)
+                self._stop.wait(1.0)
+
+    # ---- handlers ----------------------------------------------------------------------------
+    def _do_edit(self, prompt: str, target: str, metadata: dict | None = None) -> Any:
+        editor = self.editor
+        editor.encode_target(target)
+        editor.encode_prompt(prompt, reserve=len(editor.encode_target(target)))
+        return self._edit_one(prompt, target, metadata or {})
+
+    def _do_edits(self, edits: list[dict]) -> list[Any]:
+        editor = self.editor
+        for e in edits:  # validate all before storing any
+            editor.encode_prompt(e["prompt"], reserve=len(editor.encode_target(e["target"])))
+        return [self._edit_one(e["prompt"], e["target"], e.get("metadata") or {}) for e in edits]
+
+    def _edit_one(self, prompt: str, target: str, metadata: dict) -> Any:
+        editor = self.editor
+        t0 = time.perf_counter()
+        for _attempt in range(self.settings.conflict_retries + 1):
+            self._sync()
+            res = editor.edit(prompt, target, edit_id=0, apply=False)
+            expected = None
+            if res.entry_id is not None:
+                with self.sessions() as session:
+                    expected = repo.entry_version(session, self.codebook_id, res.entry_id)
+            try:
+                with self.sessions.begin() as session:
+                    repo.serialize_commit_lock(session)
+                    self._apply_events(session)  # commits of other replicas come first in the order
+                    row = repo.insert_edit(
+                        session,
+                        self.codebook_id,
+                        prompt=prompt,
+                        target=target,
+                        metadata=metadata,
+                        entry_id=res.entry_id,
+                        created_entry=res.created,
+                        steps=res.steps,
+                        loss=res.loss,
+                        train_ms=res.seconds * 1000,
+                        answer_ids=list(res.answer),
+                        key=repo.tensor_to_bytes(res.key),
+                        value=repo.tensor_to_bytes(res.value),
+                        expected_entry_version=expected,
+                    )
+                    session.flush()
+                    event_id = repo.last_event_id(session, self.codebook_id)
+                    notify(session, self.codebook_id, event_id)
+                    out = edit_to_dict(row)
+            except repo.EntryConflict:
+                continue  # catch up with what the other replica did, then train again
+            editor.apply_version(out["id"], out["entry_id"], res.key, res.value, res.answer)
+            self.last_event_id = event_id
+            self._after_change()
+            self.metrics.edits.inc()
+            self.metrics.edit_latency.observe(time.perf_counter() - t0)
+            return out
+        raise EditConflictError("the codebook entry kept changing under concurrent edits; try again")
+
+    def _do_rollback(self, edit_id: int, by: str | None = None) -> Any:
+        self._sync()
+        with self.sessions.begin() as session:
+            repo.serialize_commit_lock(session)
+            self._apply_events(session)
+            edit = repo.get_edit(session, edit_id)
+            if edit is None or edit.codebook_id != self.codebook_id:
+                raise EditNotFoundError(f"no edit with id {edit_id}")
+            edit, changed = repo.rollback_edit(session, edit_id, by)
+            event_id = None
+            if changed:
+                session.flush()
+                event_id = repo.last_event_id(session, self.codebook_id)
+                notify(session, self.codebook_id, event_id)
+            out = edit_to_dict(edit)
+        if changed:
+            try:
+                self.editor.rollback(edit_id)
+            except UnknownEditError:
+                pass
+            self.last_event_id = event_id
+            self._after_change()
+            self.metrics.rollbacks.inc()
+        return out
+
+    def _do_generate(self, prompt: str, max_new_tokens: int, temperature: float) -> GenerateResult:
+        raise AssertionError("generate jobs are batched")  # pragma: no cover
+
+    # ---- read-only helpers used by routes (database only; safe from any thread) ---------------
+    def in_sync(self) -> tuple[bool, int, int]:
+        with self.sessions() as session:
+            latest = repo.last_event_id(session, self.codebook_id)
+        return self.last_event_id >= latest, self.last_event_id, latest
+
+    def device_summary(self) -> dict[str, Any]:
+        editor = self.editor
+        if editor is None:
+            return {}
+        return {
+            "device": str(editor.device),
+            "module": editor.adapter.module_path,
+            "codebook_device": str(editor.codebook.device),
+            "entries": len(editor.codebook),
+            "cuda": torch.cuda.is_available(),
+        }

@@ -1,0 +1,58 @@
+"""Service settings: one pydantic-settings class, environment variables prefixed HOREN_.
+Built by the caller (`create_app(settings)`), never at import time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from horen_core.config import HorenConfig
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HOREN_", extra="ignore")
+
+    # folder for the SQLite file and the converted copy of a GGUF model's weights
+    data_dir: Path = Path(".horen")
+    # where a dequantised copy of a GGUF model is kept (fast restarts); empty = data_dir/converted
+    converted_dir: Path | None = None
+    # SQLAlchemy URL; empty means an SQLite file in data_dir
+    database_url: str = ""
+    # bearer token for /admin routes; empty disables them
+    admin_token: str = ""
+    # local HF model folder or GGUF file; empty means the bundled SmolLM2-135M-Instruct
+    model: str = ""
+    # auto | cpu | cuda | cuda:N
+    device: str = "auto"
+    # accelerate device map for models larger than one GPU (e.g. "auto"); empty = whole model on `device`
+    device_map: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # bounded request queue in front of the engine; a full queue answers 503
+    queue_size: int = Field(default=256, ge=1)
+    # most /generate requests run together as one batch
+    max_batch: int = Field(default=16, ge=1)
+    # upper bound accepted for max_new_tokens
+    max_new_tokens_limit: int = Field(default=512, ge=1)
+    # seconds between catch-up polls of the edit log (replicas also get LISTEN/NOTIFY on PostgreSQL)
+    sync_interval: float = Field(default=1.0, gt=0)
+    # retries of an edit whose codebook entry was changed concurrently by another replica
+    conflict_retries: int = Field(default=3, ge=0)
+    # codebook size from which the FAISS prefilter is used (exact search below it)
+    index_min_keys: int = Field(default=20000, ge=0)
+    # candidates the FAISS prefilter hands to the exact Hopfield refinement
+    index_top_k: int = Field(default=32, ge=1)
+    # HoReN method settings (layer, threshold, ...), as JSON, e.g. HOREN_HOREN='{"threshold": 0.85}'
+    horen: dict = Field(default_factory=dict)
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'horen.db').resolve()}"
+
+    def horen_config(self) -> HorenConfig:
+        cfg = HorenConfig.from_dict(self.horen)
+        cfg.validate()
+        return cfg
