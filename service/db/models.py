@@ -1,0 +1,140 @@
+"""Tables of the service. A codebook is one model + layer; every other row belongs to one codebook.
+
+`edits` is the log of edits (its id is both their global order and the HoReN edit id),
+`codebook_entries` holds one optimistic-concurrency version per entry, and `events` is the
+replication log that replicas read in id order.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+EDIT_ACTIVE = "active"
+EDIT_ROLLED_BACK = "rolled_back"
+EVENT_EDIT = "edit"
+EVENT_ROLLBACK = "rollback"
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend (SQLite stores no offset and returns naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime; pass a timezone-aware one")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Codebook(Base):
+    __tablename__ = "codebooks"
+    __table_args__ = (UniqueConstraint("model_fingerprint", "module_path"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_fingerprint: Mapped[str] = mapped_column(String(64))
+    module_path: Mapped[str] = mapped_column(String(255))
+    key_dim: Mapped[int] = mapped_column(Integer)
+    value_dim: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Edit(Base):
+    __tablename__ = "edits"
+    __table_args__ = (
+        Index(None, "codebook_id", "status"),
+        CheckConstraint(f"status IN ('{EDIT_ACTIVE}', '{EDIT_ROLLED_BACK}')", name="status"),
+        {"sqlite_autoincrement": True},  # ids are never reused: they are HoReN edit ids
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    codebook_id: Mapped[int] = mapped_column(ForeignKey("codebooks.id"))
+    prompt: Mapped[str] = mapped_column(Text)
+    target: Mapped[str] = mapped_column(Text)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
+    status: Mapped[str] = mapped_column(String(16), default=EDIT_ACTIVE)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    rolled_back_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    rolled_back_by: Mapped[str | None] = mapped_column(String(255))
+    entry_id: Mapped[int] = mapped_column(Integer)  # a created entry's id is the creating edit's id
+    created_entry: Mapped[bool]
+    steps: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[float] = mapped_column(Float)
+    train_ms: Mapped[float] = mapped_column(Float)
+    answer_ids: Mapped[list[int]] = mapped_column(JSONType)
+    key: Mapped[bytes] = mapped_column(LargeBinary)  # float32 little-endian query vector
+    value: Mapped[bytes] = mapped_column(LargeBinary)  # float32 little-endian value vector
+
+    def __repr__(self) -> str:
+        return f"Edit(id={self.id}, codebook_id={self.codebook_id}, entry_id={self.entry_id}, status={self.status!r})"
+
+
+class Entry(Base):
+    __tablename__ = "codebook_entries"
+
+    codebook_id: Mapped[int] = mapped_column(ForeignKey("codebooks.id"), primary_key=True, autoincrement=False)
+    entry_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    answer_ids: Mapped[list[int]] = mapped_column(JSONType)
+    version: Mapped[int] = mapped_column(Integer, default=1)  # bumped by every retrain and rollback touching it
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Event(Base):
+    __tablename__ = "events"
+    __table_args__ = (
+        Index(None, "codebook_id", "id"),  # replicas read (codebook_id, id > last seen)
+        CheckConstraint(f"kind IN ('{EVENT_EDIT}', '{EVENT_ROLLBACK}')", name="kind"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    codebook_id: Mapped[int] = mapped_column(ForeignKey("codebooks.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    edit_id: Mapped[int] = mapped_column(ForeignKey("edits.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

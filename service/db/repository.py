@@ -1,0 +1,257 @@
+"""Queries of the service. Every function takes a `Session` and never commits: the caller owns the
+transaction, so an edit row, its entry version and its event commit together or not at all.
+
+Writers call `serialize_commit_lock` first (the write functions here also take it): it makes
+concurrent writers, also in other processes, commit their events in id order, so a replica that
+reads events with id > the last one it saw never skips one that commits late.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from service.db.errors import EditNotFound, EntryConflict
+from service.db.models import (
+    EDIT_ACTIVE,
+    EDIT_ROLLED_BACK,
+    EVENT_EDIT,
+    EVENT_ROLLBACK,
+    Codebook,
+    Edit,
+    Entry,
+    Event,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "EditNotFound",
+    "EntryConflict",
+    "active_edits",
+    "bytes_to_tensor",
+    "entry_version",
+    "events_after",
+    "get_edit",
+    "get_or_create_codebook",
+    "insert_edit",
+    "last_event_id",
+    "list_edits",
+    "rollback_edit",
+    "serialize_commit_lock",
+    "tensor_to_bytes",
+]
+
+# Key of the PostgreSQL advisory lock that orders commits of edits and rollbacks ("HoReN" in ASCII).
+COMMIT_LOCK_KEY = 0x486F52654E
+
+
+def serialize_commit_lock(session: Session) -> None:
+    """Take the write lock for the rest of this transaction.
+
+    PostgreSQL: a transaction-scoped advisory lock (released by commit or rollback). SQLite: the
+    database write lock (BEGIN IMMEDIATE), taken now rather than at the first write, so reads that
+    follow see every earlier commit; nothing happens when this transaction already writes.
+    """
+    conn = session.connection()
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({COMMIT_LOCK_KEY})")
+    elif dialect == "sqlite":
+        dbapi_conn = conn.connection.dbapi_connection
+        if dbapi_conn is not None and not dbapi_conn.in_transaction:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+# ---- codebooks ------------------------------------------------------------------------------
+def get_or_create_codebook(
+    session: Session, fingerprint: str, module_path: str, key_dim: int, value_dim: int
+) -> Codebook:
+    """The codebook of this model + layer, created on first use. Dimensions must match a stored one."""
+    stmt = select(Codebook).where(Codebook.model_fingerprint == fingerprint, Codebook.module_path == module_path)
+    cb = session.scalars(stmt).one_or_none()
+    if cb is None:
+        serialize_commit_lock(session)  # another process may be creating it; look again once we hold the lock
+        cb = session.scalars(stmt).one_or_none()
+    if cb is None:
+        cb = Codebook(model_fingerprint=fingerprint, module_path=module_path, key_dim=key_dim, value_dim=value_dim)
+        session.add(cb)
+        session.flush()
+    if (cb.key_dim, cb.value_dim) != (key_dim, value_dim):
+        raise ValueError(
+            f"codebook {cb.id} of {module_path} has dims {cb.key_dim}x{cb.value_dim}, not {key_dim}x{value_dim}"
+        )
+    return cb
+
+
+# ---- edits ----------------------------------------------------------------------------------
+def insert_edit(
+    session: Session,
+    codebook_id: int,
+    *,
+    prompt: str,
+    target: str,
+    metadata: dict[str, Any] | None,
+    entry_id: int | None,
+    created_entry: bool,
+    steps: int,
+    loss: float,
+    train_ms: float,
+    answer_ids: Sequence[int],
+    key: bytes,
+    value: bytes,
+    expected_entry_version: int | None,
+) -> Edit:
+    """Store one edit, create or bump its entry, and append an "edit" event.
+
+    ``entry_id=None`` creates a new entry whose id is the new edit's id (version 1). Otherwise the
+    edit retrains ``entry_id``: its version must still be ``expected_entry_version`` (any version
+    when None, but the entry must exist), else `EntryConflict` is raised and nothing is written.
+    A non-finite ``loss`` or ``train_ms`` raises ValueError (SQLite would store NaN as NULL).
+    """
+    if not (math.isfinite(loss) and math.isfinite(train_ms)):
+        raise ValueError(f"loss and train_ms must be finite, got {loss!r} and {train_ms!r}")
+    serialize_commit_lock(session)
+    now = utcnow()
+    if entry_id is not None:
+        cond = [Entry.codebook_id == codebook_id, Entry.entry_id == entry_id]
+        if expected_entry_version is not None:
+            cond.append(Entry.version == expected_entry_version)
+        bumped = session.execute(
+            update(Entry).where(*cond).values(version=Entry.version + 1, updated_at=now),
+            execution_options={"synchronize_session": False},
+        )
+        if bumped.rowcount != 1:
+            raise EntryConflict(
+                f"entry {entry_id} of codebook {codebook_id} is not at version {expected_entry_version} any more"
+            )
+    edit = Edit(
+        codebook_id=codebook_id,
+        prompt=prompt,
+        target=target,
+        metadata_=dict(metadata or {}),
+        status=EDIT_ACTIVE,
+        created_at=now,
+        entry_id=entry_id if entry_id is not None else 0,  # a new entry takes the edit's id, known after flush
+        created_entry=created_entry,
+        steps=int(steps),
+        loss=float(loss),
+        train_ms=float(train_ms),
+        answer_ids=[int(t) for t in answer_ids],
+        key=bytes(key),
+        value=bytes(value),
+    )
+    session.add(edit)
+    session.flush()
+    if entry_id is None:
+        edit.entry_id = edit.id
+        session.add(
+            Entry(
+                codebook_id=codebook_id, entry_id=edit.id, answer_ids=list(edit.answer_ids), version=1, updated_at=now
+            )
+        )
+    session.add(Event(codebook_id=codebook_id, kind=EVENT_EDIT, edit_id=edit.id, created_at=now))
+    session.flush()
+    return edit
+
+
+def rollback_edit(session: Session, edit_id: int, by: str | None) -> tuple[Edit, bool]:
+    """Mark an edit rolled back, bump its entry's version and append a "rollback" event.
+
+    Idempotent: for an edit already rolled back it returns ``(edit, False)`` and writes nothing.
+    Raises `EditNotFound` for an unknown id.
+    """
+    serialize_commit_lock(session)
+    now = utcnow()
+    changed = session.execute(
+        update(Edit)
+        .where(Edit.id == edit_id, Edit.status == EDIT_ACTIVE)
+        .values(status=EDIT_ROLLED_BACK, rolled_back_at=now, rolled_back_by=by),
+        execution_options={"synchronize_session": False},
+    )
+    edit = session.get(Edit, edit_id, populate_existing=True)
+    if edit is None:
+        raise EditNotFound(f"no edit with id {edit_id}")
+    if changed.rowcount != 1:
+        return edit, False
+    session.execute(
+        update(Entry)
+        .where(Entry.codebook_id == edit.codebook_id, Entry.entry_id == edit.entry_id)
+        .values(version=Entry.version + 1, updated_at=now),
+        execution_options={"synchronize_session": False},
+    )
+    session.add(Event(codebook_id=edit.codebook_id, kind=EVENT_ROLLBACK, edit_id=edit.id, created_at=now))
+    session.flush()
+    return edit, True
+
+
+def get_edit(session: Session, edit_id: int) -> Edit | None:
+    return session.get(Edit, edit_id)
+
+
+def list_edits(
+    session: Session,
+    codebook_id: int,
+    limit: int = 50,
+    offset: int = 0,
+    status: str | None = None,
+    q: str | None = None,
+) -> tuple[list[Edit], int]:
+    """One page of a codebook's edits in id order, and how many match in all.
+
+    ``status`` filters on "active" / "rolled_back"; ``q`` is a case-insensitive substring of the
+    prompt or the target (``%`` and ``_`` in it are literal).
+    """
+    cond = [Edit.codebook_id == codebook_id]
+    if status is not None:
+        cond.append(Edit.status == status)
+    if q:
+        cond.append(or_(Edit.prompt.icontains(q, autoescape=True), Edit.target.icontains(q, autoescape=True)))
+    total = session.scalar(select(func.count()).select_from(Edit).where(*cond)) or 0
+    items = session.scalars(select(Edit).where(*cond).order_by(Edit.id).limit(limit).offset(offset)).all()
+    return list(items), int(total)
+
+
+def active_edits(session: Session, codebook_id: int) -> list[Edit]:
+    """Every active edit of a codebook in id order: replaying them rebuilds the codebook."""
+    stmt = select(Edit).where(Edit.codebook_id == codebook_id, Edit.status == EDIT_ACTIVE).order_by(Edit.id)
+    return list(session.scalars(stmt).all())
+
+
+# ---- entries and events ---------------------------------------------------------------------
+def entry_version(session: Session, codebook_id: int, entry_id: int) -> int | None:
+    stmt = select(Entry.version).where(Entry.codebook_id == codebook_id, Entry.entry_id == entry_id)
+    return session.scalar(stmt)
+
+
+def events_after(session: Session, codebook_id: int, after_id: int, limit: int = 1000) -> list[Event]:
+    stmt = select(Event).where(Event.codebook_id == codebook_id, Event.id > after_id).order_by(Event.id).limit(limit)
+    return list(session.scalars(stmt).all())
+
+
+def last_event_id(session: Session, codebook_id: int) -> int:
+    """Id of the newest event of a codebook, 0 when there is none."""
+    return int(session.scalar(select(func.coalesce(func.max(Event.id), 0)).where(Event.codebook_id == codebook_id)))
+
+
+# ---- vectors --------------------------------------------------------------------------------
+def tensor_to_bytes(t: torch.Tensor) -> bytes:
+    """A vector as float32 little-endian bytes (any shape is flattened)."""
+    arr = t.detach().to(device="cpu").reshape(-1).float().numpy()
+    return arr.astype("<f4", copy=False).tobytes()
+
+
+def bytes_to_tensor(b: bytes, dim: int) -> torch.Tensor:
+    """The float32 vector of ``dim`` elements stored by `tensor_to_bytes` (a new, writable tensor)."""
+    import numpy as np
+    import torch
+
+    if len(b) != 4 * dim:
+        raise ValueError(f"vector has {len(b)} bytes, expected {4 * dim} for {dim} float32 values")
+    return torch.from_numpy(np.frombuffer(b, dtype="<f4").astype(np.float32))
