@@ -68,6 +68,7 @@ class Codebook:
         self._edit_entry: dict[int, int] = {}  # edit_id -> entry_id
         self._next_entry_id = 1
         self.generation = 0  # bumped on every change; lets derived indexes know they are stale
+        self._row_ids: torch.Tensor | None = None  # cache of row_entry_ids, reset on change
 
     # ---- read side -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -80,6 +81,13 @@ class Codebook:
     @property
     def values(self) -> torch.Tensor:
         return self._values[: self._size]
+
+    @property
+    def row_entry_ids(self) -> torch.Tensor:
+        """[N] entry id of each row; newer entries have larger ids (used to break exact ties)."""
+        if self._row_ids is None or self._row_ids.shape[0] != self._size:
+            self._row_ids = torch.tensor(self._row_entry, dtype=torch.int64, device=self.device)
+        return self._row_ids
 
     def entry_id_at(self, row: int) -> int:
         return self._row_entry[row]
@@ -157,6 +165,7 @@ class Codebook:
         self._entries[entry_id] = Entry(entry_id, tuple(int(t) for t in answer), [EntryVersion(edit_id)])
         self._edit_entry[edit_id] = entry_id
         self.generation += 1
+        self._row_ids = None
         return CodebookChange(edit_id, entry_id, "created")
 
     def retrain(self, edit_id: int, entry_id: int, key: torch.Tensor, value: torch.Tensor) -> CodebookChange:
@@ -174,6 +183,7 @@ class Codebook:
         self._values[row] = value
         self._edit_entry[edit_id] = entry_id
         self.generation += 1
+        self._row_ids = None
         return CodebookChange(edit_id, entry_id, "retrained")
 
     def rollback(self, edit_id: int) -> CodebookChange:
@@ -185,6 +195,7 @@ class Codebook:
         pos = next(i for i, v in enumerate(entry.versions) if v.edit_id == edit_id)
         row = self._row_of[entry_id]
         self.generation += 1
+        self._row_ids = None
         if len(entry.versions) == 1:
             self._remove_row(row)
             del self._entries[entry_id]
@@ -289,6 +300,18 @@ class Codebook:
                 raise CorruptStateError(f"codebook tensor {name!r} contains NaN or infinity")
         if not (len(ver_entry) == len(ver_edit) == len(ver_key_idx) == len(ver_value_idx)):
             raise CorruptStateError("codebook version arrays have different lengths")
+        if offsets[0] != 0 or any(a > b for a, b in zip(offsets, offsets[1:])) or offsets[-1] != len(answers):
+            raise CorruptStateError("codebook answer offsets are not increasing within the answers")
+        if any(not offsets[r] < offsets[r + 1] for r in range(n)):
+            raise CorruptStateError("codebook entry without an answer")
+        if any(not -1 <= i < vkeys.shape[0] for i in ver_key_idx) or any(
+            not -1 <= i < vvalues.shape[0] for i in ver_value_idx
+        ):
+            raise CorruptStateError("codebook version index out of range")
+        if vkeys.dim() != 2 or vvalues.dim() != 2 or (vkeys.numel() and vkeys.shape[1] != self.key_dim) or (
+            vvalues.numel() and vvalues.shape[1] != self.value_dim
+        ):
+            raise CorruptStateError("codebook version tensors have the wrong shape")
 
         fresh = Codebook(self.key_dim, self.value_dim, self.device, self.dtype)
         fresh._ensure_capacity(n)

@@ -25,7 +25,10 @@ class HorenConfig:
     # minimum cosine between refined query and best key for the key's value to be applied
     threshold: float = 0.8
     # Adam learning rate for the value vector
-    lr: float = 0.5
+    lr: float = 8.0
+    # Adam betas: short memories, because each edit is a fresh ~10-step problem
+    adam_beta1: float = 0.5
+    adam_beta2: float = 0.9
     # iteration cap for training one value
     max_steps: int = 50
     # early stop once greedy decoding reproduces the target and the mean target NLL is below this

@@ -57,6 +57,10 @@ class HorenEditor:
         self.config.validate()
         self.model = model
         self.tokenizer = tokenizer
+        # the base weights are never trained: freeze them so no edit leaves gradients behind
+        model.eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
         self.adapter = ModelAdapter.for_model(model, self.config.layer, self.config.module_template)
         parent_path, _, child = self.adapter.module_path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
@@ -67,7 +71,11 @@ class HorenEditor:
         self.layer = HorenLayer(base)
         setattr(parent, child, self.layer)
         weight = next(base.parameters())
+        # the codebook lives with the edited layer; inputs go to the embedding's device (they differ
+        # when a device map spreads the model over several GPUs)
         self.device, self.model_dtype = weight.device, weight.dtype
+        self.input_device = model.get_input_embeddings().weight.device
+        self.multi_device = len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1
         self.codebook = Codebook(key_dim, value_dim, device=self.device)
         self.retriever = HopfieldRetriever(
             self.config.hopfield_alpha, self.config.hopfield_beta, self.config.hopfield_steps, self.config.threshold
@@ -117,7 +125,7 @@ class HorenEditor:
         cb = self.codebook
         keys = cb.keys
         candidates = self.candidate_provider(queries) if (self.candidate_provider and len(cb)) else None
-        routing = self.retriever.route(queries.to(keys.device), keys, candidates)
+        routing = self.retriever.route(queries.to(keys.device), keys, candidates, order=cb.row_entry_ids)
         rows = routing.rows
         hit = rows >= 0
         values = torch.zeros(queries.shape[0], cb.value_dim, device=keys.device, dtype=cb.dtype)
@@ -137,7 +145,7 @@ class HorenEditor:
         for i, s in enumerate(seqs):
             ids[i, t - len(s) :] = torch.tensor(s, dtype=torch.long)
             mask[i, t - len(s) :] = 1
-        return ids.to(self.device), mask.to(self.device)
+        return ids.to(self.input_device), mask.to(self.input_device)
 
     @torch.no_grad()
     def generate(
@@ -221,12 +229,13 @@ class HorenEditor:
         with self.lock:
             if edit_id is None:
                 edit_id = max(self._next_edit_id, max(self.codebook.edit_ids(), default=0) + 1)
-            self._next_edit_id = edit_id + 1
-            if self.codebook.entry_of_edit(edit_id) is not None:
+            if apply:
+                self._next_edit_id = max(self._next_edit_id, edit_id + 1)
+            if apply and self.codebook.entry_of_edit(edit_id) is not None:
                 raise InvalidInputError(f"edit id {edit_id} is already in use")
             seq = prompt_ids + target_ids[:-1]
             p = len(prompt_ids) - 1
-            ids = torch.tensor([seq], device=self.device)
+            ids = torch.tensor([seq], device=self.input_device)
             prompt_mask = torch.zeros_like(ids)
             prompt_mask[0, : len(prompt_ids)] = 1
             hidden = self._lower_pass(ids)
@@ -262,7 +271,7 @@ class HorenEditor:
         plan = InjectPlan(self.layer, capture=True)
         found: dict[str, torch.Tensor] = {}
         handle = None
-        if self.adapter.supports_fast_path and not self.config.reference_procedure:
+        if self.adapter.supports_fast_path and not self.config.reference_procedure and not self.multi_device:
 
             def hook(_module, _inputs, output):
                 found["h"] = (output[0] if isinstance(output, tuple) else output).detach()
@@ -292,7 +301,7 @@ class HorenEditor:
         dv = self.codebook.value_dim
         value = (init.clone() if init is not None else torch.zeros(dv, device=self.device)).float()
         value.requires_grad_(True)
-        opt = torch.optim.Adam([value], lr=cfg.lr)
+        opt = torch.optim.Adam([value], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
         target = torch.tensor(target_ids, device=self.device)
         m = len(target_ids)
         forward = self._step_forward(ids, p, m, hidden)
@@ -321,7 +330,7 @@ class HorenEditor:
         if hidden is None:  # the full model (reference procedure, or a family without a fast path)
 
             def full(value: torch.Tensor) -> torch.Tensor:
-                plan = InjectPlan(self.layer, positions=torch.tensor([p], device=self.device), values=value[None])
+                plan = InjectPlan(self.layer, positions=torch.tensor([p]), values=value[None])
                 with activate(plan):
                     return self.model(input_ids=ids).logits[0, p : p + m]
 
@@ -379,7 +388,10 @@ class HorenEditor:
             self.codebook.save(path, metadata={**self.identity, "config": _json(self.config.to_dict())})
 
     def load(self, path) -> None:
-        meta = Codebook.read_metadata(path)
+        try:
+            meta = Codebook.read_metadata(path)
+        except Exception as exc:  # safetensors raises several types for a damaged header
+            raise CorruptStateError(f"cannot read codebook file {path}: {exc}") from exc
         for k, v in self.identity.items():
             if meta.get(k) != v:
                 raise CorruptStateError(f"codebook belongs to another {k}: {meta.get(k)!r} != {v!r}")

@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 
 
+_TIE = 1e-6  # cosines this close are the same key (float noise of identical prompts)
+
+
 @dataclass(frozen=True)
 class Routing:
     rows: torch.Tensor  # [B] codebook row per query, -1 where nothing cleared the threshold
@@ -38,11 +41,18 @@ class HopfieldRetriever:
     def _scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         return q @ keys.T if keys.dim() == 2 else torch.einsum("bd,bkd->bk", q, keys)
 
-    def route(self, queries: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor | None = None) -> Routing:
+    def route(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        candidates: torch.Tensor | None = None,
+        order: torch.Tensor | None = None,
+    ) -> Routing:
         """Route unit queries [B, d] against unit keys [N, d].
 
         ``candidates`` [B, k] restricts each query to a subset of rows (-1 pads); refinement and the
-        threshold then see only those keys. Returned rows index the full ``keys``.
+        threshold then see only those keys. Returned rows index the full ``keys``. ``order`` [N]
+        breaks exact ties (identical keys, e.g. the same prompt edited twice): the larger wins.
         """
         b = queries.shape[0]
         none = torch.full((b,), -1, dtype=torch.long, device=queries.device)
@@ -51,14 +61,21 @@ class HopfieldRetriever:
         queries = queries.to(keys.dtype)
         if candidates is None:
             q = self.refine(queries, keys)
-            scores, rows = self._scores(q, keys).max(dim=-1)
+            s = self._scores(q, keys)
+            rows_of = None
         else:
             candidates = candidates.to(keys.device)
             valid = candidates >= 0
             sub = keys[candidates.clamp(min=0)]  # [B, k, d]
             q = self.refine(queries, sub, valid)
             s = self._scores(q, sub).masked_fill(~valid, float("-inf"))
-            scores, pos = s.max(dim=-1)
-            rows = candidates.gather(1, pos[:, None]).squeeze(1)
+            rows_of = candidates
+        scores, pos = s.max(dim=-1)
+        if order is not None:
+            prio = order.to(s.device)[rows_of.clamp(min=0)] if rows_of is not None else order.to(s.device)[None]
+            tied = s >= (scores[:, None] - _TIE)
+            pos = torch.where(tied, prio.expand_as(s).to(torch.float64), float("-inf")).argmax(dim=-1)
+            scores = s.gather(1, pos[:, None]).squeeze(1)
+        rows = rows_of.gather(1, pos[:, None]).squeeze(1) if rows_of is not None else pos
         hit = scores >= self.threshold
         return Routing(torch.where(hit, rows, none), scores)

@@ -10,6 +10,7 @@ nothing about HTTP.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -78,6 +79,8 @@ class Engine:
         self.codebook_id: int | None = None
         self.last_event_id = 0
         self.last_sync = 0.0
+        # a hash chained over every event applied here, in order: equal on replicas that agree
+        self.log_digest = hashlib.sha256(b"horen").hexdigest()
         self.db_engine = make_engine(settings.resolved_database_url())
         self.sessions = make_session_factory(self.db_engine)
         self._listener: threading.Thread | None = None
@@ -227,6 +230,16 @@ class Engine:
             last = repo.last_event_id(session, self.codebook_id)
             for e in repo.active_edits(session, self.codebook_id):
                 self._apply_edit_row(e)
+            after = 0
+            while after < last:  # the digest covers the whole log, so it survives restarts
+                events = repo.events_after(session, self.codebook_id, after, limit=5000)
+                if not events:
+                    break
+                for ev in events:
+                    if ev.id > last:
+                        break
+                    self._advance(ev.id, ev.kind, ev.edit_id)
+                after = events[-1].id
         self.last_event_id = last
         self._sync()  # whatever was committed while we replayed
         self._after_change()
@@ -262,10 +275,14 @@ class Engine:
                     editor.rollback(ev.edit_id)
                 except UnknownEditError:
                     pass  # never applied here (e.g. rolled back before we replayed)
-            self.last_event_id = ev.id
+            self._advance(ev.id, ev.kind, ev.edit_id)
         if events:
             self._after_change()
         return len(events)
+
+    def _advance(self, event_id: int, kind: str, edit_id: int) -> None:
+        self.last_event_id = event_id
+        self.log_digest = hashlib.sha256(f"{self.log_digest}:{event_id}:{kind}:{edit_id}".encode()).hexdigest()
 
     def _safe_sync(self) -> None:
         try:
@@ -359,7 +376,7 @@ class Engine:
             except repo.EntryConflict:
                 continue  # catch up with what the other replica did, then train again
             editor.apply_version(out["id"], out["entry_id"], res.key, res.value, res.answer)
-            self.last_event_id = event_id
+            self._advance(event_id, "edit", out["id"])
             self._after_change()
             self.metrics.edits.inc()
             self.metrics.edit_latency.observe(time.perf_counter() - t0)
@@ -386,7 +403,7 @@ class Engine:
                 self.editor.rollback(edit_id)
             except UnknownEditError:
                 pass
-            self.last_event_id = event_id
+            self._advance(event_id, "rollback", edit_id)
             self._after_change()
             self.metrics.rollbacks.inc()
         return out
@@ -409,5 +426,6 @@ class Engine:
             "module": editor.adapter.module_path,
             "codebook_device": str(editor.codebook.device),
             "entries": len(editor.codebook),
+            "log_digest": self.log_digest,
             "cuda": torch.cuda.is_available(),
         }

@@ -274,11 +274,6 @@ def test_damaged_file_raises(tmp_path, cb):
         Codebook(DK, DV).load(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Codebook.load_state_dict indexes version_keys/version_values with unchecked indices, so an "
-    "out-of-range index raises IndexError instead of CorruptStateError",
-)
 def test_state_with_out_of_range_version_index_raises_corrupt_state(cb):
     build_history(cb)
     state = cb.state_dict()

@@ -80,12 +80,6 @@ def test_conflicting_edit_gets_its_own_key(editor):
     assert editor.generate([PROMPT], max_new_tokens=1)[0].text == "Rome"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a conflicting edit gets a key identical to the older entry's (same prompt, same query); "
-    "retrieval breaks the exact tie toward the lower row, so the newer edit is never routed to and the "
-    "prompt keeps generating the old target",
-)
 def test_conflicting_edit_is_the_one_applied(tiny_llama, make_editor):
     editor = make_editor(*tiny_llama, CFG)
     editor.edit(PROMPT, "Rome")
@@ -184,11 +178,6 @@ def test_load_rejects_a_codebook_of_another_model_or_layer(tiny_factory, tiny_to
     assert len(other_layer.codebook) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HorenEditor.load reads the file's metadata with safetensors before Codebook.load's guarded "
-    "read, so a damaged file raises safetensors' own error instead of CorruptStateError",
-)
 def test_load_of_a_damaged_file_raises_corrupt_state(tiny_llama, make_editor, tmp_path):
     editor = make_editor(*tiny_llama, CFG)
     editor.edit(PROMPT, "Rome")
@@ -234,12 +223,6 @@ def test_edit_leaves_no_gradient_state_behind(tiny_model, make_editor):
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HorenEditor does not freeze the model: on a model whose parameters require grad (as "
-    "from_pretrained returns them; only load_model freezes) every edit's backward accumulates .grad "
-    "into all parameters above the edited layer and the lm_head, and they stay alive",
-)
 def test_edit_on_an_unfrozen_model_leaves_no_parameter_gradients(tiny_llama, make_editor):
     model, tok = tiny_llama
     for p in model.parameters():

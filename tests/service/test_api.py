@@ -73,7 +73,7 @@ def test_edit_then_generate_routes_to_it(client):
 
 def test_list_pagination_filter_search(client):
     ids = []
-    for i, (p, t) in enumerate(
+    for p, t in (
         [("What is the capital of France?", "Cairo"), ("Who wrote the novel?", "Nile"), ("The quick brown fox?", "dog")]
     ):
         ids.append(client.post("/edits", json={"prompt": p, "target": t}).json()["id"])
