@@ -308,8 +308,11 @@ class Codebook:
             not -1 <= i < vvalues.shape[0] for i in ver_value_idx
         ):
             raise CorruptStateError("codebook version index out of range")
-        if vkeys.dim() != 2 or vvalues.dim() != 2 or (vkeys.numel() and vkeys.shape[1] != self.key_dim) or (
-            vvalues.numel() and vvalues.shape[1] != self.value_dim
+        if (
+            vkeys.dim() != 2
+            or vvalues.dim() != 2
+            or (vkeys.numel() and vkeys.shape[1] != self.key_dim)
+            or (vvalues.numel() and vvalues.shape[1] != self.value_dim)
         ):
             raise CorruptStateError("codebook version tensors have the wrong shape")
 
