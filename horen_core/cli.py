@@ -31,7 +31,11 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--output", default="horen_eval_results.json")
     p.add_argument("--reference-procedure", action="store_true", help="the paper's 50 full-model steps per edit")
-    p.add_argument("--converted-dir", default=None, help="cache folder for a dequantised copy of a GGUF model")
+    p.add_argument(
+        "--converted-dir",
+        default=str(Path.home() / ".cache" / "horen" / "converted"),
+        help="cache folder for a dequantised copy of a GGUF model ('' to dequantise in process every time)",
+    )
     for name, value in d.to_dict().items():
         if name in ("reference_procedure", "module_template"):
             continue
@@ -56,7 +60,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     records = load_records(args.data, args.format, args.target_field, args.n, args.offset)
-    model, tokenizer = load_model(args.model, device=args.device, converted_dir=args.converted_dir)
+    model, tokenizer = load_model(args.model, device=args.device, converted_dir=args.converted_dir or None)
     editor = HorenEditor(model, tokenizer, config_from_args(args))
     baseline_loc = locality_outputs(editor, records, edited=False)
     checkpoints = sorted({int(c) for c in args.checkpoints.split(",") if c.strip()})

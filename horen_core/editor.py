@@ -192,23 +192,31 @@ class HorenEditor:
 
     @torch.no_grad()
     def forward_logits(
-        self, seqs: Sequence[Sequence[int]], prompt_lengths: Sequence[int], edited: bool = True
+        self,
+        seqs: Sequence[Sequence[int]],
+        prompt_lengths: Sequence[int],
+        edited: bool = True,
+        keep_last: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, list[int | None]]:
         """Routed teacher-forced forward over left-padded ``seqs``; routing sees only the first
-        ``prompt_lengths[i]`` tokens of each row. Returns (logits, attention mask, routed entries)."""
+        ``prompt_lengths[i]`` tokens of each row. Returns (logits, attention mask, routed entries);
+        with ``keep_last`` > 0 only the last that many positions' logits are computed."""
         ids, mask = self._pad_left(seqs)
         prompt_mask = mask.clone()
         t = ids.shape[1]
         for i, (s, n) in enumerate(zip(seqs, prompt_lengths)):
             start = t - len(s)
             prompt_mask[i, start + n :] = 0
+        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": self._positions(mask)}
+        if keep_last:
+            kwargs["logits_to_keep"] = keep_last
         with self.lock:
             plan = self._route_plan(prompt_mask)
             if edited:
                 with activate(plan):
-                    logits = self.model(input_ids=ids, attention_mask=mask, position_ids=self._positions(mask)).logits
+                    logits = self.model(**kwargs).logits
             else:
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=self._positions(mask)).logits
+                logits = self.model(**kwargs).logits
         return logits, mask, plan.entry_ids or [None] * len(seqs)
 
     @staticmethod

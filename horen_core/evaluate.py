@@ -66,7 +66,7 @@ def _batches(items: Sequence[int], size: int):
 
 
 def greedy_match(
-    editor: HorenEditor, prompts: Sequence[str], targets: Sequence[list[int]], edited: bool = True, batch_size: int = 16
+    editor: HorenEditor, prompts: Sequence[str], targets: Sequence[list[int]], edited: bool = True, batch_size: int = 8
 ) -> list[float]:
     """Fraction of target tokens reproduced by greedy generation of len(target) tokens."""
     scores = [0.0] * len(prompts)
@@ -102,7 +102,7 @@ def _raw_greedy(editor: HorenEditor, seqs: list[list[int]], n: int, edited: bool
 
 
 def teacher_forced(
-    editor: HorenEditor, prompts: Sequence[str], targets: Sequence[list[int]], batch_size: int = 16
+    editor: HorenEditor, prompts: Sequence[str], targets: Sequence[list[int]], batch_size: int = 8
 ) -> list[float]:
     """Fraction of target tokens that are the argmax given the true prefix."""
     scores = [0.0] * len(prompts)
@@ -110,11 +110,11 @@ def teacher_forced(
     for chunk in _batches(order, batch_size):
         pids = [editor.encode_prompt(prompts[i], reserve=len(targets[i])) for i in chunk]
         seqs = [p + targets[i][:-1] for p, i in zip(pids, chunk)]
-        logits, mask, _ = editor.forward_logits(seqs, [len(p) for p in pids])
-        t = mask.shape[1]
-        for row, (i, p, s) in enumerate(zip(chunk, pids, seqs)):
-            start = t - len(s) + len(p) - 1
-            pred = logits[row, start : start + len(targets[i])].argmax(-1).tolist()
+        keep = max(len(targets[i]) for i in chunk)
+        logits, mask, _ = editor.forward_logits(seqs, [len(p) for p in pids], keep_last=keep)
+        for row, i in enumerate(chunk):
+            m = len(targets[i])  # the last m positions predict the target tokens (left padding)
+            pred = logits[row, keep - m :].argmax(-1).tolist()
             scores[i] = sum(int(a == b) for a, b in zip(pred, targets[i])) / len(targets[i])
     return scores
 
@@ -123,7 +123,7 @@ def locality_outputs(editor: HorenEditor, records: Sequence[EditRecord], edited:
     idx = [i for i, r in enumerate(records) if r.loc_prompt]
     outs: list[list[int] | None] = [None] * len(records)
     order = sorted(idx, key=lambda i: len(records[i].loc_prompt))
-    for chunk in _batches(order, 16):
+    for chunk in _batches(order, 8):
         lens = [len(editor.encode_target(records[i].loc_answer or "x")) for i in chunk]
         n = max(lens)
         seqs = [editor.encode_prompt(records[i].loc_prompt, reserve=n) for i in chunk]

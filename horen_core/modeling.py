@@ -6,6 +6,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,13 +82,15 @@ def load_model(
     if gguf_file is not None and converted_dir is not None:
         stamp = f"{gguf_file}-{(folder / gguf_file).stat().st_size}"
         conv = Path(converted_dir) / stamp
-        if (conv / "config.json").exists():
-            folder, gguf_file = conv, None
-        else:
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-            _save_converted(model, tokenizer, conv)
-            return _finish(model, tokenizer, device, device_map)
+        if not (conv / "config.json").exists():
+            # dequantising peaks at about twice the model's size: do it in a child process so this
+            # long-lived process never holds that peak, then load the plain copy
+            code = (
+                "import sys; from pathlib import Path; from horen_core.modeling import convert_gguf; "
+                "convert_gguf(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))"
+            )
+            subprocess.run([sys.executable, "-c", code, str(folder), gguf_file, str(conv)], check=True)
+        folder, gguf_file = conv, None
     if gguf_file is not None:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
@@ -94,8 +100,17 @@ def load_model(
     return _finish(model, tokenizer, device, device_map)
 
 
+def convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+    """Dequantise a GGUF model to float32 and save it as a plain HF folder at ``target``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    _save_converted(model, tokenizer, target)
+
+
 def _save_converted(model: nn.Module, tokenizer: Any, target: Path) -> None:
-    tmp = target.with_name(target.name + ".tmp")
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     # the dequantised weights are plain tensors; drop the GGUF marker so save_pretrained accepts them
     model.config.quantization_config = None
@@ -105,6 +120,9 @@ def _save_converted(model: nn.Module, tokenizer: Any, target: Path) -> None:
     model.is_quantized = False
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if target.exists():  # another process converted it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     tmp.rename(target)
 
 

@@ -9,8 +9,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 
-from service.api.errors import AdminDisabledError, UnauthorizedError, error_body
+from service.api.errors import AdminDisabledError, UnauthorizedError
 from service.api.schemas import (
     EditBatchCreate,
     EditBatchOut,
@@ -120,18 +121,15 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=Health, tags=["ops"], responses={503: {"model": dict}})
-async def readyz(engine: EngineDep, response: Response) -> dict:
+@router.get("/readyz", tags=["ops"], responses={200: {"model": Health}, 503: {"model": Health}})
+async def readyz(engine: EngineDep) -> JSONResponse:
+    """200 when the model is loaded and the codebook has applied every committed event; else 503."""
     if engine.load_error is not None or not engine.ready.is_set():
-        response.status_code = 503
         why = f"model failed to load: {engine.load_error}" if engine.load_error else "model loading"
-        return error_body("not_ready", why)
+        return JSONResponse({"status": "not_ready", "detail": {"reason": why}}, status_code=503)
     ok, seen, latest = await run_in_threadpool(engine.in_sync)
     detail = {"last_event_applied": seen, "last_event_committed": latest, **engine.device_summary()}
-    if not ok:
-        response.status_code = 503
-        return {"status": "syncing", "detail": detail}
-    return {"status": "ready", "detail": detail}
+    return JSONResponse({"status": "ready" if ok else "syncing", "detail": detail}, status_code=200 if ok else 503)
 
 
 @router.get("/metrics", tags=["ops"])

@@ -28,7 +28,7 @@ def build_tiny_model_dir(path: Path, max_positions: int = 64) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300,
+        vocab_size=1000,
         special_tokens=["<unk>", "<eos>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
@@ -46,6 +46,7 @@ def build_tiny_model_dir(path: Path, max_positions: int = 64) -> Path:
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
         bos_token_id=None,
+        initializer_range=0.3,  # logits big enough for one value vector to steer them
     )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(path)

@@ -25,7 +25,7 @@ def make_settings(tmp_path, model_dir, **over) -> Settings:
         model=str(model_dir),
         device="cpu",
         admin_token=over.pop("admin_token", TOKEN),
-        horen={"layer": 1, "max_steps": 60, "lr": 1.0},
+        horen={"layer": 1, "max_steps": 60, "lr": 0.5, "stop_loss": 1.0},
         **over,
     )
     upgrade_database(s.resolved_database_url())
@@ -73,9 +73,11 @@ def test_edit_then_generate_routes_to_it(client):
 
 def test_list_pagination_filter_search(client):
     ids = []
-    for p, t in (
-        [("What is the capital of France?", "Cairo"), ("Who wrote the novel?", "Nile"), ("The quick brown fox?", "dog")]
-    ):
+    for p, t in [
+        ("What is the capital of France?", "Cairo"),
+        ("Who wrote the novel?", "Nile"),
+        ("The quick brown fox?", "dog"),
+    ]:
         ids.append(client.post("/edits", json={"prompt": p, "target": t}).json()["id"])
     page = client.get("/edits", params={"limit": 2, "offset": 0}).json()
     assert page["total"] == 3 and [x["id"] for x in page["items"]] == ids[:2]

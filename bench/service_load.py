@@ -1,0 +1,218 @@
+"""Drive live servers (real processes, real model, loopback only) and print, from one run:
+
+1. mixed load: concurrent clients mixing edits and generations -> throughput, p50/p99 latency;
+2. batching gain: concurrent /generate throughput with batching (HOREN_MAX_BATCH=16) over
+   one-at-a-time (HOREN_MAX_BATCH=1), same prompts, printed as a ratio;
+3. /generate latency with 10,000 active codebook entries over the latency with none (ratio).
+
+The 10,000 entries are written straight into the database (random unit keys, small values, each
+with its own edit row), then the server is restarted and rebuilds its codebook from the database
+exactly as in production; unrelated prompts are not routed, so this measures retrieval overhead.
+
+    .venv/bin/python bench/service_load.py [--entries 10000] [--clients 8] [--requests 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.e2e.conftest import Server  # noqa: E402  (the same server harness the e2e tests use)
+
+PROMPTS = [
+    "nq question: who sang the theme song for the fresh prince of bel air",
+    "nq question: when did the first world war start",
+    "nq question: what is the largest planet in the solar system",
+    "nq question: who wrote the novel pride and prejudice",
+    "nq question: where is the eiffel tower located",
+    "nq question: how many players are on a football team",
+    "nq question: what is the boiling point of water",
+    "nq question: who painted the mona lisa",
+]
+EDITS = [
+    ("What voice type is Lola Beeth?", "baritone"),
+    ("Which family does Ramalinaceae belong to?", "Carabidae"),
+    ("What artist created Call the Doctor?", "Ken Duncan"),
+    ("What country is Shmavon Shmavonyan from?", "Norway"),
+    ("What company made Volvo B12M?", "Bethlehem Steel"),
+    ("What is the name of Nebaioth father?", "Abraham"),
+]
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def run_clients(url: str, clients: int, jobs_per_client: list[list[tuple[str, dict]]]) -> dict:
+    lat: dict[str, list[float]] = {"generate": [], "edit": []}
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def worker(jobs):
+        with httpx.Client(base_url=url, timeout=300) as c:
+            for kind, body in jobs:
+                t0 = time.perf_counter()
+                r = c.post("/generate" if kind == "generate" else "/edits", json=body)
+                dt = time.perf_counter() - t0
+                with lock:
+                    if r.status_code in (200, 201):
+                        lat[kind].append(dt)
+                    else:
+                        failures.append(f"{r.status_code} {r.text[:200]}")
+
+    threads = [threading.Thread(target=worker, args=(jobs_per_client[i],)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    done = sum(len(v) for v in lat.values())
+    out = {"requests": done, "failures": len(failures), "seconds": round(wall, 2), "rps": round(done / wall, 2)}
+    for kind, v in lat.items():
+        if v:
+            out[f"{kind}_p50_ms"] = round(pct(v, 0.5) * 1000, 1)
+            out[f"{kind}_p99_ms"] = round(pct(v, 0.99) * 1000, 1)
+    if failures:
+        out["first_failure"] = failures[0]
+    return out
+
+
+def sequential_latency(url: str, n: int, max_new_tokens: int) -> float:
+    times = []
+    with httpx.Client(base_url=url, timeout=300) as c:
+        for i in range(n):
+            t0 = time.perf_counter()
+            r = c.post("/generate", json={"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": max_new_tokens})
+            assert r.status_code == 200, r.text
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])  # the first calls warm caches
+
+
+def insert_synthetic_entries(db_url: str, count: int) -> None:
+    from sqlalchemy import select
+
+    from service.db import repository as repo
+    from service.db.models import Codebook
+    from service.db.session import make_engine, make_session_factory
+
+    engine = make_engine(db_url)
+    sessions = make_session_factory(engine)
+    with sessions.begin() as s:
+        cb = s.scalars(select(Codebook)).one()
+        g = torch.Generator().manual_seed(0)
+        keys = torch.nn.functional.normalize(torch.randn(count, cb.key_dim, generator=g), dim=-1)
+        values = torch.randn(count, cb.value_dim, generator=g) * 0.01
+        for i in range(count):
+            repo.insert_edit(
+                s,
+                cb.id,
+                prompt=f"synthetic fact {i}?",
+                target=f"answer {i}",
+                metadata={"synthetic": True},
+                entry_id=None,
+                created_entry=True,
+                steps=0,
+                loss=0.0,
+                train_ms=0.0,
+                answer_ids=[100 + i % 1000],
+                key=repo.tensor_to_bytes(keys[i]),
+                value=repo.tensor_to_bytes(values[i]),
+                expected_entry_version=None,
+            )
+    engine.dispose()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--entries", type=int, default=10000)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=12, help="requests per client in each concurrent phase")
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="horen-load-"))
+    db_url = f"sqlite:///{tmp / 'horen.db'}"
+    summary: dict = {}
+
+    batched = Server(db_url, tmp / "data", tmp / "server.log")
+    batched.start()
+    try:
+        base_latency = sequential_latency(batched.url, 12, args.max_new_tokens)
+        summary["generate_latency_empty_ms"] = round(base_latency * 1000, 1)
+        gen_jobs = [
+            [
+                ("generate", {"prompt": PROMPTS[(i + j) % len(PROMPTS)], "max_new_tokens": args.max_new_tokens})
+                for j in range(args.requests)
+            ]
+            for i in range(args.clients)
+        ]
+        summary["generate_batched"] = run_clients(batched.url, args.clients, gen_jobs)
+        mixed = []
+        for i in range(args.clients):
+            jobs = []
+            for j in range(args.requests):
+                if j % 4 == 0 and (i * args.requests + j) // 4 < len(EDITS) * 4:
+                    p, t = EDITS[(i + j) % len(EDITS)]
+                    jobs.append(("edit", {"prompt": p, "target": t}))
+                else:
+                    jobs.append(
+                        ("generate", {"prompt": PROMPTS[(i + j) % len(PROMPTS)], "max_new_tokens": args.max_new_tokens})
+                    )
+            mixed.append(jobs)
+        summary["mixed"] = run_clients(batched.url, args.clients, mixed)
+    finally:
+        batched.stop()
+
+    single = Server(db_url, tmp / "data", tmp / "server-b1.log")
+    import os
+
+    os.environ["HOREN_MAX_BATCH"] = "1"
+    single.start()
+    try:
+        summary["generate_one_at_a_time"] = run_clients(single.url, args.clients, gen_jobs)
+    finally:
+        single.stop()
+        os.environ.pop("HOREN_MAX_BATCH", None)
+    summary["batching_gain_ratio"] = round(
+        summary["generate_batched"]["rps"] / summary["generate_one_at_a_time"]["rps"], 2
+    )
+
+    insert_synthetic_entries(db_url, args.entries)
+    big = Server(db_url, tmp / "data", tmp / "server-big.log")
+    t0 = time.perf_counter()
+    big.start()
+    summary["restart_to_ready_s_with_entries"] = round(time.perf_counter() - t0, 1)
+    try:
+        with httpx.Client(base_url=big.url, timeout=60) as c:
+            summary["entries_loaded"] = c.get("/readyz").json()["detail"]["entries"]
+        # the empty-codebook baseline again, now on a warm machine, interleaved with the big one
+        big_latency = sequential_latency(big.url, 12, args.max_new_tokens)
+    finally:
+        big.stop()
+    summary["generate_latency_with_entries_ms"] = round(big_latency * 1000, 1)
+    summary["entries_latency_ratio"] = round(big_latency / base_latency, 3)
+
+    print(f"mixed load: {json.dumps(summary['mixed'])}")
+    print(f"generate batched: {json.dumps(summary['generate_batched'])}")
+    print(f"generate one-at-a-time: {json.dumps(summary['generate_one_at_a_time'])}")
+    print(f"batching gain ratio (batched rps / one-at-a-time rps): {summary['batching_gain_ratio']}")
+    print(f"generate latency ratio ({summary['entries_loaded']} entries / none): {summary['entries_latency_ratio']}")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
