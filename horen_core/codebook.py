@@ -1,11 +1,12 @@
 """The HoReN codebook: unit keys, value vectors, the answer each entry was trained for, and
 which edits own it.
 
-Each entry has a stack of versions, one per edit that created or retrained it. The entry's key is
-the key of its oldest live version and its value that of its newest, so rolling back any one edit
-restores exactly what the remaining edits produced. To keep memory near the raw size of the key and
-value vectors, the live key and value sit in contiguous matrices (the ones retrieval reads) and a
-version stores a copy only while it is shadowed (an older value, or a newer edit's own key).
+Each entry has a stack of versions, one per edit that created or retrained it. The entry's value is
+that of its newest live version and its key the unit mean of its live versions' queries (just the
+creator's query while it has one owner), so rolling back any one edit restores exactly what the
+remaining edits produced. To keep memory near the raw size of the key and value vectors, the live
+key and value sit in contiguous matrices (the ones retrieval reads); versions store copies only for
+entries with several owners (their queries, and the values that newer edits shadow).
 
 Not thread-safe on its own: the editor serialises mutation and reads.
 """
@@ -179,12 +180,22 @@ class Codebook:
         value = self._prep(value, self.value_dim, "value")
         row = self._row_of[entry_id]
         entry.versions[-1].value = self._values[row].clone()  # the shadowed value
+        if len(entry.versions) == 1:
+            entry.versions[0].key = self._keys[row].clone()  # the creator's own query, kept from now on
         entry.versions.append(EntryVersion(edit_id, key=key.clone()))
+        self._keys[row] = self._centroid(entry)
         self._values[row] = value
         self._edit_entry[edit_id] = entry_id
         self.generation += 1
         self._row_ids = None
         return CodebookChange(edit_id, entry_id, "retrained")
+
+    @staticmethod
+    def _centroid(entry: Entry) -> torch.Tensor:
+        """The key of an entry with several owners: the unit mean of their queries, so it sits
+        between the paraphrases that share one answer."""
+        total = torch.stack([v.key for v in entry.versions]).sum(dim=0)
+        return torch.nn.functional.normalize(total, dim=0)
 
     def rollback(self, edit_id: int) -> CodebookChange:
         """Remove one edit's version; the entry goes when no version remains."""
@@ -205,10 +216,12 @@ class Codebook:
             newest = entry.versions[-1]
             self._values[row] = newest.value
             newest.value = None
-        if pos == 0:  # it was the oldest: the next one's key becomes the entry's key
-            oldest = entry.versions[0]
-            self._keys[row] = oldest.key
-            oldest.key = None
+        if len(entry.versions) == 1:  # one owner left: its own query is the key again, exactly
+            only = entry.versions[0]
+            self._keys[row] = only.key
+            only.key = None
+        else:
+            self._keys[row] = self._centroid(entry)
         del removed
         return CodebookChange(edit_id, entry_id, "restored")
 

@@ -73,7 +73,8 @@ def test_retrain_then_rollback_restores_value_and_key_exactly(cb):
     change = cb.retrain(10, entry, vec(50, DK), vec(51, DV))
     assert change.kind == "retrained"
     assert torch.equal(cb.values[row], vec(51, DV))
-    assert torch.equal(cb.keys[row], key0), "the entry's key is its oldest version's"
+    expected = F.normalize(key0 + F.normalize(vec(50, DK), dim=0), dim=0)
+    assert torch.allclose(cb.keys[row], expected, atol=1e-6), "a shared entry's key is its owners' unit mean"
     assert cb.owner_edit(entry) == 10
 
     assert cb.rollback(10).kind == "restored"
@@ -105,9 +106,11 @@ def test_rollback_of_middle_version_keeps_live_state(cb):
     cb.retrain(3, entry, vec(5, DK), vec(6, DV))
     cb.rollback(2)
     assert torch.equal(cb.values[0], vec(6, DV))
-    assert torch.equal(cb.keys[0], F.normalize(vec(1, DK), dim=0))
-    cb.rollback(3)  # now edit 1's own value must come back, not edit 2's
+    k1, k3 = F.normalize(vec(1, DK), dim=0), F.normalize(vec(5, DK), dim=0)
+    assert torch.allclose(cb.keys[0], F.normalize(k1 + k3, dim=0), atol=1e-6)
+    cb.rollback(3)  # now edit 1's own value and own key must come back, not edit 2's
     assert torch.equal(cb.values[0], vec(2, DV))
+    assert torch.equal(cb.keys[0], k1)
     assert cb.edit_ids() == [1]
 
 
