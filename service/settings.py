@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     # retries of an edit whose codebook entry was changed concurrently by another replica
     conflict_retries: int = Field(default=3, ge=0)
     # codebook size from which the FAISS prefilter is used (exact search below it)
-    index_min_keys: int = Field(default=20000, ge=0)
+    index_min_keys: int = Field(default=4096, ge=0)
     # candidates the FAISS prefilter hands to the exact Hopfield refinement
     index_top_k: int = Field(default=32, ge=1)
     # HoReN method settings (layer, threshold, ...), as JSON, e.g. HOREN_HOREN='{"threshold": 0.85}'

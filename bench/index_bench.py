@@ -1,0 +1,311 @@
+"""KeyIndex prefiltered routing against exact routing, side by side in one run, per codebook size.
+
+For each size a ``Codebook`` of synthetic unit keys is built, then ``KeyIndex.sync`` indexes it
+(build time). Queries go through the editor's routing with the same retriever
+(``HopfieldRetriever(alpha=0.1, beta=20, steps=1, threshold=0.8)``): (a) prefiltered, the index's
+``candidate_provider`` then refinement over the candidates; (b) exact, over all keys. Prints the
+mean / p50 / p99 ms of single-query routing for both, a ``ratio`` line (exact mean / prefiltered
+mean), the agreement of the routed entry (a row, or none) per query kind, how much a ``sync``
+after one edit costs with and without the change list, and, last, a one-line JSON summary.
+
+The synthetic keys copy the geometry measured on the real edited layer (SmolLM2-135M, layer 24
+down_proj, ZsRE prompts): a shared direction giving unrelated keys a mean cosine of ~0.4, a power
+law spectrum (exponent 0.9) around it, and clusters of 64 keys sharing 40% of their residual, like
+prompts built from one template. Paraphrase queries sit at cosine U(0.85, 0.95) from a key, their
+noise drawn from the same spectrum; unrelated queries come from fresh clusters. ``--real`` also
+loads the model and mixes the ZsRE ``src`` queries in as keys, asking with ``rephrase`` (should
+route to its edit) and ``loc`` (should not) prompts.
+
+Timings are on whatever else the machine runs; compare the two columns of one run only.
+
+    .venv/bin/python bench/index_bench.py --sizes 2000,5000 --dim 256 --queries 300
+    .venv/bin/python bench/index_bench.py --sizes 10000,100000,1000000 --real
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from horen_core.codebook import Codebook  # noqa: E402
+from horen_core.retrieval import HopfieldRetriever  # noqa: E402
+from service.index import KeyIndex  # noqa: E402
+
+ZSRE = Path("/work/shared/data/zsre/zsre_edit_dev.json")
+_CHUNK = 65536
+
+
+class SyntheticKeys:
+    """Unit keys shaped like the edited layer's real queries (see the module docstring)."""
+
+    def __init__(self, n: int, dim: int, seed: int = 0, shared: float = 0.40, gamma: float = 0.9) -> None:
+        rng = np.random.default_rng(seed)
+        self.dim, self.seed = dim, seed
+        self.cluster_share = 0.4  # of a key's residual direction, shared with its cluster
+        self.a, self.b = np.float32(np.sqrt(shared)), np.float32(np.sqrt(1 - shared))
+        mu = rng.standard_normal(dim).astype(np.float32)
+        self.mu = mu / np.linalg.norm(mu)
+        scale = (np.arange(1, dim + 1) ** (-gamma / 2)).astype(np.float32)
+        rng.shuffle(scale)
+        self.scale = scale
+        self.centers = self._residuals(rng, max(1, n // 64))
+
+    def _residuals(self, rng: np.random.Generator, m: int) -> np.ndarray:
+        x = rng.standard_normal((m, self.dim), dtype=np.float32)
+        x *= self.scale
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return x
+
+    def _keys(self, rng: np.random.Generator, m: int, centers: np.ndarray) -> np.ndarray:
+        x = self._residuals(rng, m)
+        x *= np.float32(np.sqrt(1 - self.cluster_share))
+        x += np.float32(np.sqrt(self.cluster_share)) * centers[rng.integers(0, len(centers), m)]
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        x *= self.b
+        x += self.a * self.mu
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return x
+
+    def fill(self, out: torch.Tensor) -> None:
+        """Write len(out) keys in place, chunk by chunk (no full-size temporaries)."""
+        for i in range(0, out.shape[0], _CHUNK):
+            m = min(_CHUNK, out.shape[0] - i)
+            out[i : i + m] = torch.from_numpy(self._keys(np.random.default_rng((self.seed, i)), m, self.centers))
+
+    def paraphrases(self, keys: np.ndarray, rng: np.random.Generator, lo: float = 0.85, hi: float = 0.95) -> np.ndarray:
+        noise = rng.standard_normal(keys.shape, dtype=np.float32) * self.scale
+        noise -= (noise * keys).sum(axis=1, keepdims=True) * keys
+        noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+        cos = rng.uniform(lo, hi, (len(keys), 1)).astype(np.float32)
+        return cos * keys + np.sqrt(1 - cos * cos) * noise
+
+    def unrelated(self, m: int, rng: np.random.Generator) -> np.ndarray:
+        return self._keys(rng, m, self._residuals(rng, max(1, m // 8)))
+
+
+def real_queries(limit: int) -> dict[str, torch.Tensor]:
+    """Unit queries of the real model for ZsRE src / rephrase / loc prompts, one prompt per pass
+    (as the editor computes them: no padding reaches the layer)."""
+    from horen_core import HorenConfig, HorenEditor, load_model
+    from horen_core.layer import compute_queries
+
+    model, tokenizer = load_model(None, device="cpu", converted_dir=REPO / ".horen" / "converted")
+    editor = HorenEditor(model, tokenizer, HorenConfig())
+    records = json.loads(ZSRE.read_text())[:limit]
+    cfg = editor.config
+    out: dict[str, list[torch.Tensor]] = {"src": [], "rephrase": [], "loc": []}
+    with torch.no_grad():
+        for r in records:
+            for field in out:
+                ids = torch.tensor([editor.encode_prompt(r[field])])
+                x = editor._lower_pass(ids)["x"]
+                out[field].append(compute_queries(x, torch.ones_like(ids), cfg.query_strategy, cfg.query_fraction)[0])
+    return {k: torch.stack(v).float().cpu() for k, v in out.items()}
+
+
+def build_codebook(keys: torch.Tensor) -> Codebook:
+    """A codebook of these keys (1-dim values) in one step; takes over the memory of ``keys``."""
+    n, d = keys.shape
+    cb = Codebook(d, 1)
+    ids = torch.arange(1, n + 1, dtype=torch.int64)
+    cb.load_state_dict(
+        {
+            "keys": keys,
+            "values": torch.zeros(n, 1),
+            "entry_ids": ids,
+            "answers": ids,
+            "answer_offsets": torch.arange(n + 1, dtype=torch.int64),
+            "version_entry": ids,
+            "version_edit": ids,
+            "version_key_index": torch.full((n,), -1, dtype=torch.int64),
+            "version_value_index": torch.full((n,), -1, dtype=torch.int64),
+            "version_keys": torch.zeros(0, d),
+            "version_values": torch.zeros(0, 1),
+            "next_entry_id": torch.tensor([n + 1]),
+        }
+    )
+    return cb
+
+
+def fmt(st: dict[str, float]) -> str:
+    return f"mean {st['mean']:.3f} p50 {st['p50']:.3f} p99 {st['p99']:.3f}"
+
+
+def stats_ms(seconds: list[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1e3
+    return {"mean": float(ms.mean()), "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
+
+
+def run_size(n: int, args: argparse.Namespace, real: dict[str, torch.Tensor] | None) -> dict:
+    d = args.dim
+    default_threads = torch.get_num_threads()
+    rng = np.random.default_rng(args.seed + 1)
+    syn = SyntheticKeys(n, d, seed=args.seed)
+    n_real = 0 if real is None else len(real["src"])
+    keys = torch.empty(n, d)
+    t = time.perf_counter()
+    syn.fill(keys[: n - n_real])
+    if n_real:
+        keys[n - n_real :] = real["src"]
+    src = rng.choice(n - n_real, args.queries, replace=False)
+    para = torch.from_numpy(syn.paraphrases(keys[src].numpy(), rng))
+    queries = {"paraphrase": para, "unrelated": torch.from_numpy(syn.unrelated(args.unrelated, rng))}
+    if n_real:
+        queries["real_rephrase"], queries["real_loc"] = real["rephrase"], real["loc"]
+    cb = build_codebook(keys)
+    del keys
+    print(f"\n== {n} keys, dim {d}: generated in {time.perf_counter() - t:.1f}s", flush=True)
+
+    index = KeyIndex(
+        d,
+        top_k=args.top_k,
+        min_keys=0,
+        reduced_dim=args.reduced_dim,
+        ef_search=args.ef_search,
+        hnsw_m=args.hnsw_m,
+        storage=args.storage,
+    )
+    t = time.perf_counter()
+    index.sync(cb)
+    build_s = time.perf_counter() - t
+    print(f"build {index.kind}: {build_s:.1f}s", flush=True)
+
+    retriever = HopfieldRetriever(alpha=0.1, beta=20.0, steps=1, threshold=0.8)
+    provide = index.candidate_provider(cb)
+    order = cb.row_entry_ids
+
+    def prefiltered(q: torch.Tensor):
+        return retriever.route(q, cb.keys, provide(q), order=order)
+
+    def exact(q: torch.Tensor):
+        return retriever.route(q, cb.keys, None, order=order)
+
+    agreement, hits, recall = {}, {}, {}
+    t = time.perf_counter()
+    for kind, q in queries.items():
+        same, hit_e, hit_p, found = 0, 0, 0, 0
+        for i in range(0, len(q), args.batch):
+            qb = q[i : i + args.batch]
+            e, p, cand = exact(qb), prefiltered(qb), provide(qb)
+            same += int((e.rows == p.rows).sum())
+            hit_e += int((e.rows >= 0).sum())
+            hit_p += int((p.rows >= 0).sum())
+            found += int(((cand == e.rows[:, None]).any(dim=1) | (e.rows < 0)).sum())
+        agreement[kind] = same / len(q)
+        hits[kind] = {"exact": hit_e / len(q), "prefiltered": hit_p / len(q)}
+        recall[kind] = found / len(q)
+        print(
+            f"  {kind:14s} n={len(q):5d} agreement {agreement[kind]:.4f}  routed exact {hits[kind]['exact']:.3f}"
+            f" prefiltered {hits[kind]['prefiltered']:.3f}  exact row among candidates {recall[kind]:.4f}",
+            flush=True,
+        )
+    total = sum(len(q) for q in queries.values())
+    agreement["all"] = sum(agreement[k] * len(q) for k, q in queries.items()) / total
+    print(f"agreement (all {total} queries): {agreement['all']:.4f}  [{time.perf_counter() - t:.0f}s]", flush=True)
+
+    timed = torch.cat([q[: args.timed] for q in queries.values()])
+    timed = timed[torch.randperm(len(timed), generator=torch.Generator().manual_seed(args.seed))][: args.timed]
+    torch.set_num_threads(args.threads)
+    for q in timed[:5]:  # warm-up
+        prefiltered(q[None])
+    pre_s, pre_cpu = [], []
+    for q in timed:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        prefiltered(q[None])
+        pre_s.append(time.perf_counter() - t0)
+        pre_cpu.append(time.thread_time() - c0)
+    exact_by_threads = {}
+    for threads in sorted({args.threads, default_threads}):
+        torch.set_num_threads(threads)
+        exact_s: list[float] = []
+        start = time.perf_counter()
+        for q in timed:  # at least 10 queries, then until the budget runs out
+            if len(exact_s) >= 10 and time.perf_counter() - start > args.exact_budget:
+                break
+            t0 = time.perf_counter()
+            exact(q[None])
+            exact_s.append(time.perf_counter() - t0)
+        exact_by_threads[threads] = stats_ms(exact_s)
+        print(
+            f"exact       ms/query, {threads} torch threads: "
+            + fmt(exact_by_threads[threads])
+            + f"  (n={len(exact_s)})"
+        )
+    torch.set_num_threads(default_threads)
+    best = min(exact_by_threads, key=lambda t: exact_by_threads[t]["mean"])
+    pre, pre_c, ex = stats_ms(pre_s), stats_ms(pre_cpu), exact_by_threads[best]
+    ratio = ex["mean"] / pre["mean"]
+    print(f"prefiltered ms/query, {args.threads} torch thread(s): " + fmt(pre) + f"  (n={len(pre_s)})")
+    print("prefiltered CPU ms/query (this thread, excludes time other processes took): " + fmt(pre_c))
+    print(f"ratio exact ({best} threads) / prefiltered, mean wall time: {ratio:.1f}x")
+
+    # what keeping the index current costs the engine after one edit
+    key = torch.from_numpy(syn.unrelated(2, rng))
+    change = cb.add(10**9, key[0], torch.zeros(1), [0])
+    t0 = time.perf_counter()
+    index.sync(cb, [change])
+    sync_changes = time.perf_counter() - t0
+    cb.add(10**9 + 1, key[1], torch.zeros(1), [0])
+    t0 = time.perf_counter()
+    index.sync(cb)
+    sync_blind = time.perf_counter() - t0
+    print(f"sync after one edit: {sync_changes * 1e3:.1f} ms with the change list, {sync_blind * 1e3:.1f} ms without")
+    return {
+        "keys": n,
+        "index": index.kind,
+        "build_s": round(build_s, 2),
+        "prefiltered_ms": {k: round(v, 3) for k, v in pre.items()},
+        "prefiltered_cpu_ms": {k: round(v, 3) for k, v in pre_c.items()},
+        "exact_ms": {k: round(v, 3) for k, v in ex.items()},
+        "exact_threads": best,
+        "ratio": round(ratio, 1),
+        "agreement": {k: round(v, 5) for k, v in agreement.items()},
+        "routed": hits,
+        "candidate_recall": {k: round(v, 5) for k, v in recall.items()},
+        "sync_ms": {"with_changes": round(sync_changes * 1e3, 2), "without": round(sync_blind * 1e3, 2)},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated key counts")
+    ap.add_argument("--dim", type=int, default=1536)
+    ap.add_argument("--queries", type=int, default=2000, help="paraphrase queries per size (agreement)")
+    ap.add_argument("--unrelated", type=int, default=500, help="unrelated queries per size (agreement)")
+    ap.add_argument("--timed", type=int, default=200, help="single queries timed per size")
+    ap.add_argument("--exact-budget", type=float, default=30.0, help="seconds spent timing exact routing")
+    ap.add_argument("--batch", type=int, default=64, help="queries per batch in the agreement pass")
+    ap.add_argument("--top-k", type=int, default=32)
+    ap.add_argument("--reduced-dim", type=int, default=128)
+    ap.add_argument("--hnsw-m", type=int, default=32)
+    ap.add_argument("--ef-search", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for prefiltered routing")
+    ap.add_argument("--real", action="store_true", help="also route real ZsRE queries of the bundled model")
+    ap.add_argument("--real-limit", type=int, default=640)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--storage", choices=("sq8", "flat"), default="sq8")
+    args = ap.parse_args(argv)
+    real = None
+    if args.real:
+        if args.dim != 1536:
+            ap.error("--real needs --dim 1536 (the model's key dimension)")
+        t = time.perf_counter()
+        real = real_queries(args.real_limit)
+        print(f"real queries: {len(real['src'])} ZsRE records in {time.perf_counter() - t:.0f}s", flush=True)
+    results = [run_size(int(s), args, real) for s in args.sizes.split(",")]
+    summary = {"bench": "index", "dim": args.dim, "top_k": args.top_k, "ef_search": args.ef_search, "results": results}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,266 @@
+"""KeyIndex behaviour on synthetic clustered unit keys (no model): candidates hold the exact best
+key, removals and codebook changes are mirrored, and prefiltered routing equals exact routing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from horen_core.codebook import Codebook
+from horen_core.retrieval import HopfieldRetriever
+from service.index import KeyIndex
+
+DIM = 256
+
+
+def clustered_keys(n: int, dim: int = DIM, cluster: int = 16, spread: float = 0.8, seed: int = 0) -> np.ndarray:
+    """Unit keys in clusters of ``cluster`` whose members share ~1/(1+spread^2) of their direction."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((max(1, n // cluster), dim)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    noise = rng.standard_normal((n, dim)).astype(np.float32) / np.sqrt(dim)
+    keys = centers[rng.integers(0, len(centers), n)] + spread * noise
+    return keys / np.linalg.norm(keys, axis=1, keepdims=True)
+
+
+def paraphrases(keys: np.ndarray, cos: float = 0.9, seed: int = 1) -> np.ndarray:
+    """Unit queries at exactly ``cos`` from their source keys."""
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal(keys.shape).astype(np.float32)
+    noise -= (noise * keys).sum(axis=1, keepdims=True) * keys
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    return (cos * keys + np.sqrt(1 - cos**2) * noise).astype(np.float32)
+
+
+def exact_top1(queries: np.ndarray, keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    return ids[(queries @ keys.T).argmax(axis=1)]
+
+
+def small_index(**kw) -> KeyIndex:
+    kw.setdefault("reduced_dim", 32)
+    kw.setdefault("min_keys", 0)
+    return KeyIndex(DIM, **kw)
+
+
+def codebook_with(keys: np.ndarray) -> Codebook:
+    cb = Codebook(keys.shape[1], 2)
+    for i, k in enumerate(keys):
+        cb.add(i + 1, torch.from_numpy(k), torch.zeros(2), [i])
+    return cb
+
+
+def test_candidates_contain_exact_top1():
+    keys = clustered_keys(3000)
+    ids = np.arange(100, 3100, dtype=np.int64)
+    index = small_index()
+    index.rebuild(ids, keys)
+    q = paraphrases(keys[::7])
+    found = index.search(q)
+    assert found.shape == (len(q), index.top_k)
+    assert np.isin(found, ids).all()  # entry ids, never rows; the index is bigger than top_k
+    assert (found == exact_top1(q, keys, ids)[:, None]).any(axis=1).all()
+    assert index.kind == "pca32-hnsw32-sq8"
+
+
+def test_small_index_searches_full_keys_and_pads():
+    keys = clustered_keys(10)
+    index = small_index()
+    index.add(np.arange(10), keys)
+    found = index.search(keys[:3])
+    assert index.kind == f"pca{DIM}-hnsw32-sq8"  # too few keys to fit a projection
+    assert (found[:, 0] == np.arange(3)).all()
+    assert (found[:, 10:] == -1).all() and (found[:, :10] >= 0).all()
+
+
+def test_removal_hides_id():
+    keys = clustered_keys(2000)
+    ids = np.arange(2000, dtype=np.int64)
+    index = small_index(rebuild_fraction=0.5)
+    index.rebuild(ids, keys)
+    gone = ids[::10]
+    index.remove(gone)
+    index.remove([10**9])  # unknown ids are ignored
+    assert len(index) == 2000 - len(gone)
+    assert index.tombstones() == len(gone)
+    found = index.search(keys[gone])
+    assert not np.isin(found, gone).any()
+    assert (found >= 0).all()  # removed entries do not take candidate slots
+    kept = ids[1::10]
+    assert (index.search(keys[kept])[:, 0] == kept).all()
+
+
+def test_tombstones_past_the_fraction_trigger_a_rebuild():
+    keys = clustered_keys(1000)
+    ids = np.arange(1000, dtype=np.int64)
+    index = small_index(rebuild_fraction=0.2)
+    index.rebuild(ids, keys)
+    index.remove(ids[:150])
+    assert index.tombstones() == 150
+    index.remove(ids[150:300])  # 300 dead > 0.2 * 700 live
+    assert index.tombstones() == 0 and len(index) == 700
+    q = paraphrases(keys[300:])
+    assert (index.search(q) == exact_top1(q, keys[300:], ids[300:])[:, None]).any(axis=1).all()
+    assert not np.isin(index.search(keys[:300]), ids[:300]).any()
+
+
+def test_add_replaces_an_existing_id():
+    keys = clustered_keys(1000)
+    index = small_index()
+    index.rebuild(np.arange(1000), keys)
+    index.add(np.array([5]), keys[900:901])  # entry 5 now has entry 900's key
+    assert len(index) == 1000
+    assert 5 in index.search(keys[900:901])[0]
+    assert 5 not in index.search(keys[5:6])[0, :1]
+
+
+def test_rebuild_equals_incremental():
+    keys = clustered_keys(3000)
+    ids = np.arange(3000, dtype=np.int64)
+    fresh = small_index()
+    fresh.rebuild(ids[1000:], keys[1000:])
+    grown = small_index()
+    grown.rebuild(ids[:2000], keys[:2000])
+    grown.remove(ids[:1000])
+    grown.add(ids[2000:], keys[2000:])
+    assert len(grown) == len(fresh) == 2000
+    q = paraphrases(keys[1000::3])
+    want = exact_top1(q, keys[1000:], ids[1000:])
+    for index in (fresh, grown):
+        found = index.search(q)
+        assert (found == want[:, None]).any(axis=1).all()
+        assert np.isin(found[found >= 0], ids[1000:]).all()
+
+
+def test_rejects_bad_shapes_and_duplicate_ids():
+    index = small_index()
+    with pytest.raises(ValueError):
+        index.add(np.arange(3), np.zeros((3, DIM + 1), np.float32))
+    with pytest.raises(ValueError):
+        index.add(np.array([1, 1]), np.zeros((2, DIM), np.float32))
+
+
+def test_provider_returns_none_below_min_keys():
+    keys = clustered_keys(600)
+    cb = codebook_with(keys[:300])
+    index = small_index(min_keys=500)
+    provide = index.candidate_provider(cb)
+    index.sync(cb)
+    assert not index.built
+    assert provide(torch.from_numpy(keys[:2])) is None
+    for i in range(300, 600):
+        cb.add(i + 1, torch.from_numpy(keys[i]), torch.zeros(2), [i])
+    rows = provide(torch.from_numpy(keys[:2]))  # syncs itself: the codebook moved on
+    assert index.built and len(index) == 600
+    assert rows is not None and rows.dtype == torch.long and rows.shape == (2, index.top_k)
+    assert rows[:, 0].tolist() == [0, 1]
+
+
+def test_provider_maps_entry_ids_to_current_rows():
+    keys = clustered_keys(1200)
+    cb = codebook_with(keys)
+    index = small_index()
+    index.sync(cb)
+    provide = index.candidate_provider(cb)
+    last_entry = cb.entry_id_at(len(cb) - 1)
+    cb.rollback(1)  # entry 1 (row 0) goes; the last row moves into row 0
+    assert cb.row_of(last_entry) == 0
+    rows = provide(torch.from_numpy(keys[[0, 1199]]))
+    assert rows[1, 0].item() == 0  # the moved key is found at its new row
+    assert (rows >= 0).all() and (rows < len(cb)).all()
+    assert 1 not in index.search(keys[[0]])  # the provider synced the removal of entry 1
+
+
+def test_sync_mirrors_codebook_changes_with_and_without_change_lists():
+    keys = clustered_keys(1500)
+    cb = codebook_with(keys[:1000])
+    hinted, blind = small_index(), small_index()
+    hinted.sync(cb)
+    blind.sync(cb)
+    changes = [cb.add(1001 + i, torch.from_numpy(keys[1000 + i]), torch.zeros(2), [i]) for i in range(200)]
+    changes += [cb.rollback(e) for e in range(1, 101)]
+    # a retrain then a rollback of the oldest version: entry 200 keeps its id but takes a new key
+    changes.append(cb.retrain(5000, 200, torch.from_numpy(keys[1400]), torch.ones(2)))
+    changes.append(cb.rollback(200))
+    hinted.sync(cb, changes)
+    blind.sync(cb)
+    fresh = small_index()
+    fresh.rebuild(cb.row_entry_ids.numpy(), cb.keys.numpy())
+    cur_keys, cur_ids = cb.keys.numpy(), cb.row_entry_ids.numpy()
+    q = paraphrases(np.concatenate([keys[1000:1200], keys[1400:1401], keys[100:1000:9]]))
+    want = exact_top1(q, cur_keys, cur_ids)
+    for index in (hinted, blind, fresh):
+        assert len(index) == len(cb) == 1100
+        found = index.search(q)
+        assert (found == want[:, None]).any(axis=1).all()
+        assert np.isin(found[found >= 0], cur_ids).all()
+    assert 200 in hinted.search(keys[1400:1401])[0] and 200 in blind.search(keys[1400:1401])[0]
+
+
+def test_sync_is_free_when_the_generation_is_unchanged(monkeypatch):
+    cb = codebook_with(clustered_keys(800))
+    index = small_index()
+    index.sync(cb)
+
+    def fail(*_a, **_k):
+        raise AssertionError("sync did work although the codebook did not change")
+
+    monkeypatch.setattr(index, "_reconcile_all", fail)
+    monkeypatch.setattr(index, "_reconcile", fail)
+    monkeypatch.setattr(index, "rebuild", fail)
+    index.sync(cb)
+    index.candidate_provider(cb)(torch.from_numpy(clustered_keys(2, seed=5)))
+
+
+def test_sync_refits_the_projection_when_the_codebook_doubles():
+    keys = clustered_keys(2000)
+    cb = codebook_with(keys[:600])
+    index = small_index()
+    index.sync(cb)
+    assert index._fit_count == 600
+    for i in range(600, 1300):
+        cb.add(i + 1, torch.from_numpy(keys[i]), torch.zeros(2), [i])
+        index.sync(cb)
+    assert index._fit_count == 1200 and len(index) == 1300
+
+
+def test_prefiltered_routing_equals_exact_routing():
+    keys = clustered_keys(4000, cluster=32, spread=0.7)
+    cb = codebook_with(keys)
+    index = small_index(top_k=32)
+    index.sync(cb)
+    provide = index.candidate_provider(cb)
+    retriever = HopfieldRetriever(alpha=0.1, beta=20.0, steps=1, threshold=0.8)
+    rng = np.random.default_rng(3)
+    src = rng.choice(len(keys), 600, replace=False)
+    near = np.concatenate([paraphrases(keys[src[:300]], 0.9), paraphrases(keys[src[300:]], 0.82, seed=2)])
+    unrelated = clustered_keys(200, seed=9)
+    queries = F.normalize(torch.from_numpy(np.concatenate([near, unrelated])), dim=-1)
+    order = cb.row_entry_ids
+    exact = retriever.route(queries, cb.keys, order=order)
+    candidates = provide(queries)
+    assert candidates is not None
+    pre = retriever.route(queries, cb.keys, candidates, order=order)
+    assert (exact.rows[:600] >= 0).float().mean() > 0.9  # the check is about real hits
+    assert torch.equal(pre.rows, exact.rows)
+    hit = exact.rows >= 0
+    assert torch.allclose(pre.scores[hit], exact.scores[hit], atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_flat_index_finds_exact_top1():
+    import faiss
+
+    if not torch.cuda.is_available() or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        pytest.skip("needs faiss with GPU support and a CUDA device")
+    keys = clustered_keys(3000)
+    ids = np.arange(3000, dtype=np.int64)
+    index = small_index(use_gpu=True, rebuild_fraction=0.5)
+    index.rebuild(ids, keys)
+    assert index.kind == "gpu-flat-ip"
+    q = paraphrases(keys[::5])
+    found = index.search(q)
+    assert (found[:, 0] == exact_top1(q, keys, ids)).all()
+    index.remove(ids[::5])
+    assert not np.isin(index.search(keys[::5]), ids[::5]).any()
