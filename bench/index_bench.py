@@ -1,8 +1,8 @@
 """KeyIndex prefiltered routing against exact routing, side by side in one run, per codebook size.
 
 For each size a ``Codebook`` of synthetic unit keys is built, then ``KeyIndex.sync`` indexes it
-(build time). Queries go through the editor's routing with the same retriever
-(``HopfieldRetriever(alpha=0.1, beta=20, steps=1, threshold=0.8)``): (a) prefiltered, the index's
+(build time). Queries go through the editor's routing with the same retriever, built from
+``HorenConfig()`` as the service builds it (alpha 0.1, beta 20, 2 steps, threshold 0.8): (a) prefiltered, the index's
 ``candidate_provider`` then refinement over the candidates; (b) exact, over all keys. Prints the
 mean / p50 / p99 ms of single-query routing for both, a ``ratio`` line (exact mean / prefiltered
 mean), the agreement of the routed entry (a row, or none) per query kind, how much a ``sync``
@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from horen_core.codebook import Codebook  # noqa: E402
+from horen_core.config import HorenConfig  # noqa: E402
 from horen_core.retrieval import HopfieldRetriever  # noqa: E402
 from service.index import KeyIndex  # noqa: E402
 
@@ -165,21 +166,14 @@ def run_size(n: int, args: argparse.Namespace, real: dict[str, torch.Tensor] | N
     del keys
     print(f"\n== {n} keys, dim {d}: generated in {time.perf_counter() - t:.1f}s", flush=True)
 
-    index = KeyIndex(
-        d,
-        top_k=args.top_k,
-        min_keys=0,
-        reduced_dim=args.reduced_dim,
-        ef_search=args.ef_search,
-        hnsw_m=args.hnsw_m,
-        storage=args.storage,
-    )
+    index = KeyIndex(d, top_k=args.top_k, min_keys=0, reduced_dim=args.reduced_dim, pq_min_keys=args.pq_min_keys)
     t = time.perf_counter()
     index.sync(cb)
     build_s = time.perf_counter() - t
     print(f"build {index.kind}: {build_s:.1f}s", flush=True)
 
-    retriever = HopfieldRetriever(alpha=0.1, beta=20.0, steps=1, threshold=0.8)
+    cfg = HorenConfig()
+    retriever = HopfieldRetriever(cfg.hopfield_alpha, cfg.hopfield_beta, cfg.hopfield_steps, cfg.threshold)
     provide = index.candidate_provider(cb)
     order = cb.row_entry_ids
 
@@ -286,13 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64, help="queries per batch in the agreement pass")
     ap.add_argument("--top-k", type=int, default=32)
     ap.add_argument("--reduced-dim", type=int, default=128)
-    ap.add_argument("--hnsw-m", type=int, default=32)
-    ap.add_argument("--ef-search", type=int, default=512)
+    ap.add_argument("--pq-min-keys", type=int, default=16384, help="exact flat scan below, 4-bit PQ fast scan from")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for prefiltered routing")
     ap.add_argument("--real", action="store_true", help="also route real ZsRE queries of the bundled model")
     ap.add_argument("--real-limit", type=int, default=640)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--storage", choices=("sq8", "flat"), default="sq8")
     args = ap.parse_args(argv)
     real = None
     if args.real:
@@ -302,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         real = real_queries(args.real_limit)
         print(f"real queries: {len(real['src'])} ZsRE records in {time.perf_counter() - t:.0f}s", flush=True)
     results = [run_size(int(s), args, real) for s in args.sizes.split(",")]
-    summary = {"bench": "index", "dim": args.dim, "top_k": args.top_k, "ef_search": args.ef_search, "results": results}
+    summary = {"bench": "index", "dim": args.dim, "top_k": args.top_k, "results": results}
     print(json.dumps(summary))
     return 0
 

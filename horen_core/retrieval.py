@@ -32,13 +32,13 @@ class HopfieldRetriever:
             if valid is not None:
                 logits = logits.masked_fill(~valid, float("-inf"))
             attn = torch.softmax(logits, dim=-1)
-            recalled = attn @ keys if keys.dim() == 2 else torch.einsum("bk,bkd->bd", attn, keys)
+            recalled = attn @ keys if keys.dim() == 2 else torch.bmm(attn.unsqueeze(1), keys).squeeze(1)
             q = F.normalize((1 - self.alpha) * q + self.alpha * F.normalize(recalled, dim=-1), dim=-1)
         return q
 
     @staticmethod
     def _scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        return q @ keys.T if keys.dim() == 2 else torch.einsum("bd,bkd->bk", q, keys)
+        return q @ keys.T if keys.dim() == 2 else torch.bmm(keys, q.unsqueeze(-1)).squeeze(-1)
 
     def route(
         self,

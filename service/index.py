@@ -5,12 +5,16 @@ index returns, per query, the ``top_k`` entries nearest to it, and the editor th
 thresholds over those keys only (``HopfieldRetriever.route(..., candidates)``), so the index only
 has to contain the key exact routing would pick, not decide anything itself.
 
-On the CPU it is an HNSW graph (FAISS ``IndexHNSWFlat``, L2) over a PCA-reduced copy of the keys:
-on unit vectors L2 order is cosine order, PCA keeps the directions the keys differ along, and the
-graph over 128 instead of 1536 dimensions is ~10x cheaper to build and search at the same recall
-(measured in ``bench/index_bench.py``). HNSW cannot delete, so a removed entry becomes a tombstone
-that searches skip, and the graph is rebuilt when tombstones pass ``rebuild_fraction`` of the live
-entries. With ``use_gpu`` on a CUDA host it is an exact flat inner-product index on the GPU instead.
+On the CPU the keys are reduced by PCA (128 of 1536 dimensions keep the directions keys differ
+along; on unit vectors L2 order is cosine order) and scanned exhaustively: exactly (``IndexFlatL2``)
+below ``pq_min_keys``, and above it as 4-bit product-quantised codes with FAISS's SIMD fast scan
+(``IndexPQFastScan``, two dimensions per code: 32 bytes per key at 128). A scan has no graph to get
+lost in: with HNSW (M 32, SQ8) at 1M keys, paraphrase queries far from their key (cosine ~0.85)
+were missed at efSearch 512 (2 ms), while the fast scan put the exact key among 32 candidates for
+1000 of 1000 in 1.4 ms, and builds in seconds instead of minutes (``bench/index_bench.py``).
+Removal leaves a tombstone that searches over-fetch past; past ``rebuild_fraction`` of the live
+entries (at most ``_MAX_DEAD``) the codes are compacted. With ``use_gpu`` on a CUDA host it is an
+exact flat inner-product index on the GPU instead.
 
 FAISS stores sequential labels; ``_label_entry`` maps each to the stable entry id (never a row,
 since codebook rows move), so a removed vector and the re-added key of the same entry differ.
@@ -41,7 +45,8 @@ DEFAULT_MIN_KEYS = 16384
 _SIGNATURE_PROBES = 8  # random projections per key that reveal a key changed under the same entry id
 _SIGNATURE_TOL = 1e-5  # float noise of recomputing a projection; a changed key moves it ~1e-2
 _ADD_CHUNK = 65536  # rows projected and added per FAISS call, to bound temporary memory
-_GPU_MAX_K = 2048  # FAISS GPU limit on k; tombstones are over-fetched within it
+_GPU_MAX_K = 2048  # FAISS GPU limit on k
+_MAX_DEAD = 256  # tombstones a search over-fetches past at most (CPU); more are compacted away
 # FAISS parallelises a search over its queries; for a few queries waking OpenMP threads costs more
 # than it saves (and a lot when the cores are busy), so small searches run on the calling thread
 _PARALLEL_QUERIES = 32
@@ -68,10 +73,7 @@ class KeyIndex:
         use_gpu: bool = False,
         *,
         reduced_dim: int = 128,
-        hnsw_m: int = 32,
-        storage: str = "sq8",
-        ef_construction: int = 200,
-        ef_search: int = 512,
+        pq_min_keys: int = 16384,
         rebuild_fraction: float = 0.2,
         pca_sample: int = 20000,
         seed: int = 0,
@@ -81,13 +83,8 @@ class KeyIndex:
         self.dim = dim
         self.top_k = top_k
         self.min_keys = min_keys  # the provider answers None (exact routing) below this many keys
-        self.reduced_dim = min(reduced_dim, dim)  # PCA dimensions the HNSW graph works in
-        self.hnsw_m = hnsw_m  # graph degree (2*M links on the bottom layer)
-        if storage not in ("sq8", "flat"):
-            raise ValueError("storage is 'sq8' or 'flat'")
-        self.storage = storage  # graph vectors as 8-bit codes (4x less memory traffic per hop) or float32
-        self.ef_construction = ef_construction  # build-time beam; 200 leaves far fewer unreachable keys than 40
-        self.ef_search = ef_search  # search beam; the recall/latency knob (bench: 512 for 0.999 at 1M)
+        self.reduced_dim = min(reduced_dim, dim)  # PCA dimensions the index works in
+        self.pq_min_keys = pq_min_keys  # from this many keys, 4-bit PQ fast scan instead of an exact flat scan
         self.rebuild_fraction = rebuild_fraction  # tombstones per live entry that trigger a rebuild
         self.pca_sample = pca_sample  # keys the PCA is fitted on; refits stop once this many were seen
         self.on_gpu = bool(use_gpu) and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
@@ -108,8 +105,6 @@ class KeyIndex:
         self._label_sig = np.empty((0, _SIGNATURE_PROBES), dtype=np.float32)
         self._entry_label: dict[int, int] = {}  # live entry id -> FAISS label
         self._dead: list[int] = []  # tombstoned labels
-        self._params: faiss.SearchParameters | None = None  # search params carrying the tombstone filter
-        self._keepalive: tuple = ()  # SWIG objects the params point to
 
     # ---- state ----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -124,7 +119,9 @@ class KeyIndex:
         if self.on_gpu:
             return "gpu-flat-ip"
         r = self.reduced_dim if self._proj is not None else self.dim
-        return f"pca{r}-hnsw{self.hnsw_m}-{self.storage}"
+        if isinstance(self._index, faiss.IndexPQFastScan):
+            return f"pca{r}-pq{self._index.M}x4fs"
+        return f"pca{r}-flat"
 
     def tombstones(self) -> int:
         return len(self._dead)
@@ -135,7 +132,7 @@ class KeyIndex:
         entry_ids, keys = self._check(entry_ids, keys)
         self._clear()
         sample = self._fit(keys)
-        self._index = self._new_index(self._project(sample))
+        self._index = self._new_index(self._project(sample), len(keys))
         self._append(entry_ids, keys)
 
     def add(self, entry_ids: np.ndarray, keys: np.ndarray) -> None:
@@ -156,10 +153,7 @@ class KeyIndex:
                 self._label_entry[label] = -1
                 self._dead.append(label)
                 dropped += 1
-        if not dropped:
-            return
-        self._params = None
-        if len(self._dead) > self._max_dead():
+        if dropped and len(self._dead) > self._max_dead():
             self._compact()
 
     def search(self, queries: np.ndarray) -> np.ndarray:
@@ -169,12 +163,12 @@ class KeyIndex:
         if self._index is None or not self._entry_label:
             return out
         x = self._project(q)
-        if self.on_gpu:  # GPU flat has no tombstone filter: over-fetch and drop them
-            k = min(self._index.ntotal, self.top_k + len(self._dead), _GPU_MAX_K)
-            _, labels = self._index.search(x, k)
+        k = min(self._index.ntotal, self.top_k + len(self._dead))  # over-fetch past the tombstones
+        if self.on_gpu:
+            _, labels = self._index.search(x, min(k, _GPU_MAX_K))
         else:
             with _omp_threads(1 if len(x) < _PARALLEL_QUERIES else 0):
-                _, labels = self._index.search(x, self.top_k, params=self._search_params())
+                _, labels = self._index.search(x, k)
         entries = np.where(labels >= 0, self._label_entry[np.maximum(labels, 0)], -1)
         if self._dead:  # keep the survivors' order, padding at the end
             order = np.argsort(entries < 0, axis=1, kind="stable")
@@ -203,6 +197,8 @@ class KeyIndex:
         self._generation = gen
         if self._proj is not None and self._fit_count < self.pca_sample and len(self) >= 2 * self._fit_count:
             self._rebuild_from(codebook)  # the codebook doubled since the PCA saw it: refit
+        elif isinstance(self._index, faiss.IndexFlatL2) and len(self) >= self.pq_min_keys:
+            self._rebuild_from(codebook)  # grown past the exact scan's size: quantise
 
     def candidate_provider(self, codebook: Codebook) -> CandidateProvider:
         """The editor's ``candidate_provider``: unit queries [B, d] -> codebook rows [B, top_k]
@@ -260,17 +256,17 @@ class KeyIndex:
             return np.ascontiguousarray(x, dtype=np.float32)
         return np.ascontiguousarray((x - self._mean) @ self._proj, dtype=np.float32)
 
-    def _new_index(self, sample: np.ndarray) -> faiss.Index:
-        """An empty index for vectors like ``sample`` (projected), which trains its quantizer."""
+    def _new_index(self, sample: np.ndarray, n: int) -> faiss.Index:
+        """An empty index for ``n`` vectors like ``sample`` (projected), which trains its quantizer."""
         if self.on_gpu:
             return faiss.GpuIndexFlatIP(self._gpu_res, self.dim)
         d = sample.shape[1]
-        if self.storage == "sq8":
-            index = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_8bit, self.hnsw_m)
-            index.train(sample)
-        else:
-            index = faiss.IndexHNSWFlat(d, self.hnsw_m)
-        index.hnsw.efConstruction = self.ef_construction
+        if n < self.pq_min_keys:
+            return faiss.IndexFlatL2(d)
+        # two dimensions per 4-bit code: at 128 dims the exact key of a paraphrase stays among the
+        # top 32 (bench); one code per 4 dimensions halves the scan but lost 1.7% of them
+        index = faiss.IndexPQFastScan(d, d // 2 if d % 2 == 0 else d, 4)
+        index.train(np.ascontiguousarray(sample))
         return index
 
     def _append(self, entry_ids: np.ndarray, keys: np.ndarray) -> None:
@@ -284,39 +280,32 @@ class KeyIndex:
 
     def _max_dead(self) -> int:
         limit = max(int(self.rebuild_fraction * len(self._entry_label)), self.top_k)
-        return min(limit, _GPU_MAX_K - self.top_k) if self.on_gpu else limit
+        return min(limit, _GPU_MAX_K - self.top_k if self.on_gpu else _MAX_DEAD)
 
     def _compact(self) -> None:
-        """Rebuild from the stored (projected) vectors of live entries, keeping the projection."""
+        """Drop the tombstoned vectors, keeping the projection, the quantizer and the survivors' order.
+
+        The survivors are decoded and re-added to an empty copy of the index: re-encoding a decoded
+        PQ code gives the same code. (``IndexPQFastScan.remove_ids`` is not used: codes added after
+        it were measured wrong for ~2% of keys in FAISS 1.15, its packed blocks keep stale bits.)"""
         assert self._index is not None
         live = np.nonzero(self._label_entry >= 0)[0]
-        vectors = self._index.reconstruct_n(0, self._index.ntotal)[live]
-        entries, sigs = self._label_entry[live], self._label_sig[live]
-        log.info("key index: rebuilding %d entries to drop %d tombstones", len(live), len(self._dead))
-        rng = np.random.default_rng(self._seed)
-        sample = (
-            vectors[np.sort(rng.choice(len(live), self._fit_count, replace=False))]
-            if len(live) > self._fit_count
-            else vectors
-        )
-        index = self._new_index(np.ascontiguousarray(sample))
-        for i in range(0, len(live), _ADD_CHUNK):
-            index.add(np.ascontiguousarray(vectors[i : i + _ADD_CHUNK]))
-        self._index, self._label_entry, self._label_sig = index, entries, sigs
-        self._entry_label = dict(zip(entries.tolist(), range(len(entries))))
-        self._dead, self._params, self._keepalive = [], None, ()
-
-    def _search_params(self) -> faiss.SearchParameters:
-        if self._params is None:
-            params = faiss.SearchParametersHNSW()
-            params.efSearch = max(self.ef_search, self.top_k)
-            if self._dead:
-                batch = faiss.IDSelectorBatch(np.asarray(self._dead, dtype=np.int64))
-                skip = faiss.IDSelectorNot(batch)
-                params.sel = skip
-                self._keepalive = (batch, skip)
-            self._params = params
-        return self._params
+        log.info("key index: compacting %d entries to drop %d tombstones", len(live), len(self._dead))
+        if self.on_gpu:
+            fresh = self._index
+            vectors = fresh.reconstruct_n(0, fresh.ntotal)[live]
+            fresh.reset()
+            for i in range(0, len(live), _ADD_CHUNK):
+                fresh.add(np.ascontiguousarray(vectors[i : i + _ADD_CHUNK]))
+        else:
+            fresh = faiss.clone_index(self._index)
+            fresh.reset()
+            for i in range(0, len(live), _ADD_CHUNK):
+                fresh.add(self._index.reconstruct_batch(live[i : i + _ADD_CHUNK]))
+        self._index = fresh
+        self._label_entry, self._label_sig = self._label_entry[live], self._label_sig[live]
+        self._entry_label = dict(zip(self._label_entry.tolist(), range(len(live))))
+        self._dead = []
 
     def _signature(self, keys: torch.Tensor) -> np.ndarray:
         dev = str(keys.device)

@@ -41,6 +41,7 @@ def exact_top1(queries: np.ndarray, keys: np.ndarray, ids: np.ndarray) -> np.nda
 def small_index(**kw) -> KeyIndex:
     kw.setdefault("reduced_dim", 32)
     kw.setdefault("min_keys", 0)
+    kw.setdefault("pq_min_keys", 1000)  # the quantised scan, as at scale, for all but the smallest
     return KeyIndex(DIM, **kw)
 
 
@@ -61,7 +62,7 @@ def test_candidates_contain_exact_top1():
     assert found.shape == (len(q), index.top_k)
     assert np.isin(found, ids).all()  # entry ids, never rows; the index is bigger than top_k
     assert (found == exact_top1(q, keys, ids)[:, None]).any(axis=1).all()
-    assert index.kind == "pca32-hnsw32-sq8"
+    assert index.kind == "pca32-pq16x4fs"
 
 
 def test_small_index_searches_full_keys_and_pads():
@@ -69,7 +70,7 @@ def test_small_index_searches_full_keys_and_pads():
     index = small_index()
     index.add(np.arange(10), keys)
     found = index.search(keys[:3])
-    assert index.kind == f"pca{DIM}-hnsw32-sq8"  # too few keys to fit a projection
+    assert index.kind == f"pca{DIM}-flat"  # too few keys to fit a projection or quantise
     assert (found[:, 0] == np.arange(3)).all()
     assert (found[:, 10:] == -1).all() and (found[:, :10] >= 0).all()
 
@@ -213,10 +214,42 @@ def test_sync_is_free_when_the_generation_is_unchanged(monkeypatch):
     index.candidate_provider(cb)(torch.from_numpy(clustered_keys(2, seed=5)))
 
 
+def test_exact_scan_below_pq_min_keys_then_quantised_once_grown():
+    keys = clustered_keys(1500)
+    cb = codebook_with(keys[:300])
+    index = small_index(pq_min_keys=1200)
+    index.sync(cb)
+    assert index.kind == "pca32-flat"
+    q = paraphrases(keys[:300:5])
+    assert (index.search(q)[:, 0] == exact_top1(q, keys[:300], np.arange(1, 301))).all()  # exact in PCA space
+    for i in range(300, 1500):
+        cb.add(i + 1, torch.from_numpy(keys[i]), torch.zeros(2), [i])
+        index.sync(cb)
+    assert index.kind == "pca32-pq16x4fs" and len(index) == 1500
+    q = paraphrases(keys[::7])
+    assert (index.search(q) == exact_top1(q, keys, np.arange(1, 1501))[:, None]).any(axis=1).all()
+
+
+def test_compaction_keeps_survivors_searchable_past_the_tombstone_cap():
+    keys = clustered_keys(4000)
+    ids = np.arange(4000, dtype=np.int64)
+    index = small_index(rebuild_fraction=0.5)  # 0.5 * live > the 256 over-fetch cap
+    index.rebuild(ids, keys)
+    for chunk in np.array_split(ids[::4], 10):
+        index.remove(chunk)
+        assert index.tombstones() <= 256
+    assert len(index) == 3000
+    kept = np.setdiff1d(ids, ids[::4])
+    q = paraphrases(keys[kept[::5]])
+    found = index.search(q)
+    assert not np.isin(found, ids[::4]).any() and (found >= 0).all()
+    assert (found == exact_top1(q, keys[kept], kept)[:, None]).any(axis=1).all()
+
+
 def test_sync_refits_the_projection_when_the_codebook_doubles():
     keys = clustered_keys(2000)
     cb = codebook_with(keys[:600])
-    index = small_index()
+    index = small_index(pq_min_keys=10**6)  # the projection's refit alone
     index.sync(cb)
     assert index._fit_count == 600
     for i in range(600, 1300):
