@@ -37,6 +37,12 @@ class HorenConfig:
     hopfield_beta: float = 20.0
     # number of damped attractor steps applied to a query
     hopfield_steps: int = 2
+    # keys each query's refinement attends: its nearest this many (0 = all keys, as in the paper). At
+    # beta 20 the softmax over all keys is dominated by their bulk once there are thousands (10K keys
+    # at cosine ~0.5 outweigh one at 0.9), so full attention drags queries to the keys' mean as the
+    # codebook grows; over the nearest 32 routing does not depend on the codebook's size, and a
+    # prefilter returning those 32 routes exactly as the exhaustive search does
+    hopfield_support: int = 32
     # minimum cosine between refined query and best key for the key's value to be applied
     threshold: float = 0.8
     # Adam learning rate for the value vector
@@ -68,6 +74,8 @@ class HorenConfig:
             raise ConfigError("query_fraction must be in (0, 1]")
         if not 0.0 <= self.hopfield_alpha <= 1.0:
             raise ConfigError("hopfield_alpha must be in [0, 1]")
+        if self.hopfield_support < 0:
+            raise ConfigError("hopfield_support must be >= 0 (0 = all keys)")
         if self.hopfield_steps < 0 or self.max_steps < 1:
             raise ConfigError("hopfield_steps must be >= 0 and max_steps >= 1")
         if not -1.0 <= self.threshold <= 1.0:

@@ -78,7 +78,11 @@ class HorenEditor:
         self.multi_device = len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1
         self.codebook = Codebook(key_dim, value_dim, device=self.device)
         self.retriever = HopfieldRetriever(
-            self.config.hopfield_alpha, self.config.hopfield_beta, self.config.hopfield_steps, self.config.threshold
+            self.config.hopfield_alpha,
+            self.config.hopfield_beta,
+            self.config.hopfield_steps,
+            self.config.threshold,
+            support=self.config.hopfield_support,
         )
         self.candidate_provider: CandidateProvider | None = None
         self.fingerprint = model_fingerprint(model)

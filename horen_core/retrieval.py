@@ -18,11 +18,12 @@ class Routing:
 
 
 class HopfieldRetriever:
-    def __init__(self, alpha: float, beta: float, steps: int, threshold: float) -> None:
+    def __init__(self, alpha: float, beta: float, steps: int, threshold: float, support: int = 0) -> None:
         self.alpha = alpha
         self.beta = beta
         self.steps = steps
         self.threshold = threshold
+        self.support = support  # nearest keys a query attends and is routed among; 0 = all
 
     def refine(self, queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """queries [B, d] (unit); keys [N, d] shared or [B, k, d] per query; valid [B, k] masks padding."""
@@ -35,6 +36,23 @@ class HopfieldRetriever:
             recalled = attn @ keys if keys.dim() == 2 else torch.bmm(attn.unsqueeze(1), keys).squeeze(1)
             q = F.normalize((1 - self.alpha) * q + self.alpha * F.normalize(recalled, dim=-1), dim=-1)
         return q
+
+    def _nearest(self, queries: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor | None:
+        """The rows each query attends: its ``support`` nearest among ``candidates`` (or all keys)."""
+        s = self.support
+        if not s:
+            return candidates
+        if candidates is None:
+            if keys.shape[0] <= s:
+                return None
+            return (queries @ keys.T).topk(s, dim=-1).indices
+        if candidates.shape[1] <= s:
+            return candidates
+        candidates = candidates.to(keys.device)
+        valid = candidates >= 0
+        cos = self._scores(queries, keys[candidates.clamp(min=0)]).masked_fill(~valid, float("-inf"))
+        pick = cos.topk(s, dim=-1).indices
+        return torch.where(valid.gather(1, pick), candidates.gather(1, pick), -1)
 
     @staticmethod
     def _scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -52,12 +70,15 @@ class HopfieldRetriever:
         ``candidates`` [B, k] restricts each query to a subset of rows (-1 pads); refinement and the
         threshold then see only those keys. Returned rows index the full ``keys``. ``order`` [N]
         breaks exact ties (identical keys, e.g. the same prompt edited twice): the larger wins.
+        With ``support`` s, each query attends only its s nearest keys (by cosine, among the
+        candidates or all keys): a prefilter whose candidates hold those s routes exactly alike.
         """
         b = queries.shape[0]
         none = torch.full((b,), -1, dtype=torch.long, device=queries.device)
         if keys.shape[0] == 0:
             return Routing(none, torch.zeros(b, device=queries.device, dtype=queries.dtype))
         queries = queries.to(keys.dtype)
+        candidates = self._nearest(queries, keys, candidates)
         if candidates is None:
             q = self.refine(queries, keys)
             s = self._scores(q, keys)
