@@ -173,7 +173,9 @@ def run_size(n: int, args: argparse.Namespace, real: dict[str, torch.Tensor] | N
     print(f"build {index.kind}: {build_s:.1f}s", flush=True)
 
     cfg = HorenConfig()
-    retriever = HopfieldRetriever(cfg.hopfield_alpha, cfg.hopfield_beta, cfg.hopfield_steps, cfg.threshold)
+    retriever = HopfieldRetriever(
+        cfg.hopfield_alpha, cfg.hopfield_beta, cfg.hopfield_steps, cfg.threshold, support=cfg.hopfield_support
+    )
     provide = index.candidate_provider(cb)
     order = cb.row_entry_ids
 
@@ -183,10 +185,10 @@ def run_size(n: int, args: argparse.Namespace, real: dict[str, torch.Tensor] | N
     def exact(q: torch.Tensor):
         return retriever.route(q, cb.keys, None, order=order)
 
-    agreement, hits, recall = {}, {}, {}
+    agreement, hits, recall, own = {}, {}, {}, {}
     t = time.perf_counter()
     for kind, q in queries.items():
-        same, hit_e, hit_p, found = 0, 0, 0, 0
+        same, hit_e, hit_p, found, own_e, own_p = 0, 0, 0, 0, 0, 0
         for i in range(0, len(q), args.batch):
             qb = q[i : i + args.batch]
             e, p, cand = exact(qb), prefiltered(qb), provide(qb)
@@ -194,6 +196,10 @@ def run_size(n: int, args: argparse.Namespace, real: dict[str, torch.Tensor] | N
             hit_e += int((e.rows >= 0).sum())
             hit_p += int((p.rows >= 0).sum())
             found += int(((cand == e.rows[:, None]).any(dim=1) | (e.rows < 0)).sum())
+            if kind == "real_rephrase":  # record i's own edit is the key at row n - n_real + i
+                mine = torch.arange(i, i + len(qb)) + (n - n_real)
+                own_e += int((e.rows == mine).sum())
+                own_p += int((p.rows == mine).sum())
         agreement[kind] = same / len(q)
         hits[kind] = {"exact": hit_e / len(q), "prefiltered": hit_p / len(q)}
         recall[kind] = found / len(q)
@@ -202,6 +208,9 @@ def run_size(n: int, args: argparse.Namespace, real: dict[str, torch.Tensor] | N
             f" prefiltered {hits[kind]['prefiltered']:.3f}  exact row among candidates {recall[kind]:.4f}",
             flush=True,
         )
+        if kind == "real_rephrase":
+            own = {"exact": own_e / len(q), "prefiltered": own_p / len(q)}
+            print(f"  {'':14s} routed to its own edit: exact {own['exact']:.4f} prefiltered {own['prefiltered']:.4f}")
     total = sum(len(q) for q in queries.values())
     agreement["all"] = sum(agreement[k] * len(q) for k, q in queries.items()) / total
     print(f"agreement (all {total} queries): {agreement['all']:.4f}  [{time.perf_counter() - t:.0f}s]", flush=True)
@@ -265,6 +274,7 @@ def run_size(n: int, args: argparse.Namespace, real: dict[str, torch.Tensor] | N
         "agreement": {k: round(v, 5) for k, v in agreement.items()},
         "routed": hits,
         "candidate_recall": {k: round(v, 5) for k, v in recall.items()},
+        "real_rephrase_routed_to_own_edit": own,
         "sync_ms": {"with_changes": round(sync_changes * 1e3, 2), "without": round(sync_blind * 1e3, 2)},
     }
 

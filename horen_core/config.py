@@ -38,10 +38,10 @@ class HorenConfig:
     # number of damped attractor steps applied to a query
     hopfield_steps: int = 2
     # keys each query's refinement attends: its nearest this many (0 = all keys, as in the paper). At
-    # beta 20 the softmax over all keys is dominated by their bulk once there are thousands (10K keys
-    # at cosine ~0.5 outweigh one at 0.9), so full attention drags queries to the keys' mean as the
-    # codebook grows; over the nearest 32 routing does not depend on the codebook's size, and a
-    # prefilter returning those 32 routes exactly as the exhaustive search does
+    # beta 20 a softmax over all keys is dominated by their bulk once there are thousands (10K keys at
+    # cosine 0.5 outweigh one at 0.9 by e^19.2 to e^18), so full attention drags queries toward the
+    # keys' mean more as the codebook grows; over the nearest 32 the pull is bounded, and a prefilter
+    # whose candidates hold those 32 routes exactly as exhaustive search does
     hopfield_support: int = 32
     # minimum cosine between refined query and best key for the key's value to be applied
     threshold: float = 0.8

@@ -1,0 +1,67 @@
+"""HopfieldRetriever's support: each query attends its nearest keys only, so routing does not drift
+as far keys pile up, and routing over candidates that hold those keys equals exhaustive routing."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from horen_core import HopfieldRetriever
+from horen_core.config import HorenConfig
+
+DIM = 64
+
+
+def bulk_keys(n: int, seed: int, shared: float = 0.5) -> torch.Tensor:
+    """Unit keys sharing one direction (cosine ~``shared`` with each other), like a real layer's."""
+    g = torch.Generator().manual_seed(seed)
+    mean = F.normalize(torch.ones(DIM), dim=0)
+    rest = F.normalize(torch.randn(n, DIM, generator=g), dim=-1)
+    return F.normalize(shared**0.5 * mean + (1 - shared) ** 0.5 * rest, dim=-1)
+
+
+def near(keys: torch.Tensor, cos: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(keys.shape, generator=g)
+    noise = F.normalize(noise - (noise * keys).sum(-1, keepdim=True) * keys, dim=-1)
+    return F.normalize(cos * keys + (1 - cos**2) ** 0.5 * noise, dim=-1)
+
+
+def retriever(support: int) -> HopfieldRetriever:
+    return HopfieldRetriever(alpha=0.1, beta=20.0, steps=2, threshold=0.8, support=support)
+
+
+def test_default_config_attends_32_nearest():
+    assert HorenConfig().hopfield_support == 32
+
+
+def test_far_keys_barely_move_supported_routing_but_drag_full_attention():
+    edits = bulk_keys(50, seed=1)
+    queries = near(edits, 0.84, seed=2)
+    crowd = torch.cat([edits, bulk_keys(20000, seed=3)])  # thousands of unrelated keys at cosine ~0.5
+    sparse, full = retriever(32), retriever(0)
+    alone, crowded = sparse.route(queries, edits), sparse.route(queries, crowd)
+    assert torch.equal(alone.rows, torch.arange(50))
+    assert torch.equal(crowded.rows, alone.rows)
+    assert (crowded.scores - alone.scores).abs().max() < 0.03  # at most 31 other keys share the attention
+    dragged = full.route(queries, crowd)
+    assert torch.allclose(full.route(queries, edits).scores, alone.scores, atol=1e-3)  # alike without the crowd
+    assert (dragged.scores < crowded.scores).all()  # the bulk's softmax mass pulls every query away
+    assert (crowded.scores - dragged.scores).mean() > 0.005
+
+
+def test_candidates_holding_the_nearest_keys_route_like_exhaustive_search():
+    keys = torch.cat([bulk_keys(3000, seed=4), bulk_keys(200, seed=5, shared=0.9)])
+    queries = torch.cat([near(keys[::40], 0.86, seed=6), bulk_keys(40, seed=7)])
+    r = retriever(32)
+    exact = r.route(queries, keys)
+    cos = queries @ keys.T
+    wide = cos.topk(100, dim=-1).indices[:, torch.randperm(100)]  # a superset, in any order
+    padded = torch.cat([cos.topk(32, dim=-1).indices, torch.full((len(queries), 8), -1)], dim=1)
+    for candidates in (wide, padded):
+        got = r.route(queries, keys, candidates)
+        assert torch.equal(got.rows, exact.rows)
+        assert torch.allclose(got.scores, exact.scores, atol=1e-6)
+    assert (exact.rows[: len(keys[::40])] >= 0).float().mean() > 0.9
+    missing = cos.topk(33, dim=-1).indices[:, 1:]  # the nearest key left out: routes elsewhere or nowhere
+    assert not torch.equal(r.route(queries, keys, missing).rows, exact.rows)
