@@ -166,7 +166,14 @@ def run_size(n: int, args: argparse.Namespace, real: dict[str, torch.Tensor] | N
     del keys
     print(f"\n== {n} keys, dim {d}: generated in {time.perf_counter() - t:.1f}s", flush=True)
 
-    index = KeyIndex(d, top_k=args.top_k, min_keys=0, reduced_dim=args.reduced_dim, pq_min_keys=args.pq_min_keys)
+    index = KeyIndex(
+        d,
+        top_k=args.top_k,
+        min_keys=0,
+        reduced_dim=args.reduced_dim,
+        pq_min_keys=args.pq_min_keys,
+        scan_threads=args.scan_threads,
+    )
     t = time.perf_counter()
     index.sync(cb)
     build_s = time.perf_counter() - t
@@ -288,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timed", type=int, default=200, help="single queries timed per size")
     ap.add_argument("--exact-budget", type=float, default=30.0, help="seconds spent timing exact routing")
     ap.add_argument("--batch", type=int, default=64, help="queries per batch in the agreement pass")
-    ap.add_argument("--top-k", type=int, default=32)
+    ap.add_argument("--top-k", type=int, default=128, help="candidates fetched; the retriever attends the 32 nearest")
+    ap.add_argument("--scan-threads", type=int, default=0, help="shards one query's scan is split into (0: cores, <= 4)")
     ap.add_argument("--reduced-dim", type=int, default=128)
     ap.add_argument("--pq-min-keys", type=int, default=16384, help="exact flat scan below, 4-bit PQ fast scan from")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for prefiltered routing")
@@ -301,7 +309,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.dim != 1536:
             ap.error("--real needs --dim 1536 (the model's key dimension)")
         t = time.perf_counter()
-        real = real_queries(args.real_limit)
+        cache = REPO / ".horen" / f"bench_real_queries_{args.real_limit}.pt"  # the bundled model's, 2 min to compute
+        if cache.exists():
+            real = torch.load(cache)
+        else:
+            real = real_queries(args.real_limit)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(real, cache)
         print(f"real queries: {len(real['src'])} ZsRE records in {time.perf_counter() - t:.0f}s", flush=True)
     results = [run_size(int(s), args, real) for s in args.sizes.split(",")]
     summary = {"bench": "index", "dim": args.dim, "top_k": args.top_k, "results": results}

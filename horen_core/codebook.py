@@ -96,6 +96,11 @@ class Codebook:
     def row_of(self, entry_id: int) -> int:
         return self._row_of[entry_id]
 
+    def rows_of(self, entry_ids: list[int]) -> list[int]:
+        """Rows of these entries, -1 for ids not (or no longer) in the codebook."""
+        get = self._row_of.get
+        return [get(e, -1) for e in entry_ids]
+
     def entry(self, entry_id: int) -> Entry:
         return self._entries[entry_id]
 

@@ -37,22 +37,27 @@ class HopfieldRetriever:
             q = F.normalize((1 - self.alpha) * q + self.alpha * F.normalize(recalled, dim=-1), dim=-1)
         return q
 
-    def _nearest(self, queries: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor | None:
-        """The rows each query attends: its ``support`` nearest among ``candidates`` (or all keys)."""
+    def _nearest(
+        self, queries: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The rows each query attends, its ``support`` nearest among ``candidates`` (or all keys),
+        and their keys [B, s, d] when already gathered."""
         s = self.support
         if not s:
-            return candidates
+            return candidates, None
         if candidates is None:
             if keys.shape[0] <= s:
-                return None
-            return (queries @ keys.T).topk(s, dim=-1).indices
+                return None, None
+            return (queries @ keys.T).topk(s, dim=-1).indices, None
         if candidates.shape[1] <= s:
-            return candidates
+            return candidates, None
         candidates = candidates.to(keys.device)
         valid = candidates >= 0
-        cos = self._scores(queries, keys[candidates.clamp(min=0)]).masked_fill(~valid, float("-inf"))
+        sub = keys[candidates.clamp(min=0)]
+        cos = self._scores(queries, sub).masked_fill(~valid, float("-inf"))
         pick = cos.topk(s, dim=-1).indices
-        return torch.where(valid.gather(1, pick), candidates.gather(1, pick), -1)
+        kept = torch.where(valid.gather(1, pick), candidates.gather(1, pick), -1)
+        return kept, sub.gather(1, pick[:, :, None].expand(-1, -1, sub.shape[-1]))
 
     @staticmethod
     def _scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -78,7 +83,7 @@ class HopfieldRetriever:
         if keys.shape[0] == 0:
             return Routing(none, torch.zeros(b, device=queries.device, dtype=queries.dtype))
         queries = queries.to(keys.dtype)
-        candidates = self._nearest(queries, keys, candidates)
+        candidates, sub = self._nearest(queries, keys, candidates)
         if candidates is None:
             q = self.refine(queries, keys)
             s = self._scores(q, keys)
@@ -86,7 +91,8 @@ class HopfieldRetriever:
         else:
             candidates = candidates.to(keys.device)
             valid = candidates >= 0
-            sub = keys[candidates.clamp(min=0)]  # [B, k, d]
+            if sub is None:
+                sub = keys[candidates.clamp(min=0)]  # [B, k, d]
             q = self.refine(queries, sub, valid)
             s = self._scores(q, sub).masked_fill(~valid, float("-inf"))
             rows_of = candidates

@@ -218,7 +218,13 @@ class Engine:
             self.codebook_id = cb.id
         self.editor = editor
         use_gpu = editor.device.type == "cuda"
-        self.index = KeyIndex(editor.codebook.key_dim, top_k=s.index_top_k, min_keys=s.index_min_keys, use_gpu=use_gpu)
+        self.index = KeyIndex(
+            editor.codebook.key_dim,
+            top_k=s.index_top_k,
+            min_keys=s.index_min_keys,
+            use_gpu=use_gpu,
+            scan_threads=s.index_threads,
+        )
         editor.candidate_provider = self.index.candidate_provider(editor.codebook)
         self._rebuild()
 

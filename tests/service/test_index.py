@@ -42,6 +42,8 @@ def small_index(**kw) -> KeyIndex:
     kw.setdefault("reduced_dim", 32)
     kw.setdefault("min_keys", 0)
     kw.setdefault("pq_min_keys", 1000)  # the quantised scan, as at scale, for all but the smallest
+    kw.setdefault("scan_threads", 2)  # two shards, each searched on its own thread
+    kw.setdefault("top_k", 32)
     return KeyIndex(DIM, **kw)
 
 
