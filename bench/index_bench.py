@@ -296,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exact-budget", type=float, default=30.0, help="seconds spent timing exact routing")
     ap.add_argument("--batch", type=int, default=64, help="queries per batch in the agreement pass")
     ap.add_argument("--top-k", type=int, default=128, help="candidates fetched; the retriever attends the 32 nearest")
-    ap.add_argument("--scan-threads", type=int, default=0, help="shards one query's scan is split into (0: cores, <= 4)")
+    ap.add_argument(
+        "--scan-threads", type=int, default=0, help="shards one query's scan is split into (0: cores, <= 4)"
+    )
     ap.add_argument("--reduced-dim", type=int, default=128)
     ap.add_argument("--pq-min-keys", type=int, default=16384, help="exact flat scan below, 4-bit PQ fast scan from")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for prefiltered routing")
