@@ -41,7 +41,7 @@ from horen_core.config import HorenConfig  # noqa: E402
 from horen_core.retrieval import HopfieldRetriever  # noqa: E402
 from service.index import KeyIndex  # noqa: E402
 
-ZSRE = Path("/work/shared/data/zsre/zsre_edit_dev.json")
+ZSRE = REPO.parent / "shared" / "data" / "zsre" / "zsre_edit_dev.json"  # ../shared beside the checkout
 _CHUNK = 65536
 
 

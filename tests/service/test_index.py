@@ -232,10 +232,11 @@ def test_exact_scan_below_pq_min_keys_then_quantised_once_grown():
     assert (index.search(q) == exact_top1(q, keys, np.arange(1, 1501))[:, None]).any(axis=1).all()
 
 
-def test_compaction_keeps_survivors_searchable_past_the_tombstone_cap():
+@pytest.mark.parametrize("pq_min_keys", [1000, 10**6], ids=["sharded-pq", "flat"])
+def test_compaction_keeps_survivors_searchable_past_the_tombstone_cap(pq_min_keys):
     keys = clustered_keys(4000)
     ids = np.arange(4000, dtype=np.int64)
-    index = small_index(rebuild_fraction=0.5)  # 0.5 * live > the 256 over-fetch cap
+    index = small_index(rebuild_fraction=0.5, pq_min_keys=pq_min_keys)  # 0.5 * live > the 256 over-fetch cap
     index.rebuild(ids, keys)
     for chunk in np.array_split(ids[::4], 10):
         index.remove(chunk)
