@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--scan-threads", type=int, default=0, help="shards one query's scan is split into (0: cores, <= 4)"
     )
-    ap.add_argument("--reduced-dim", type=int, default=128)
+    ap.add_argument("--reduced-dim", type=int, default=96, help="PCA dimensions the index scans in")
     ap.add_argument("--pq-min-keys", type=int, default=16384, help="exact flat scan below, 4-bit PQ fast scan from")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for prefiltered routing")
     ap.add_argument("--real", action="store_true", help="also route real ZsRE queries of the bundled model")

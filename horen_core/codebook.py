@@ -23,6 +23,9 @@ from safetensors.torch import load_file, save_file
 from horen_core.errors import CorruptStateError, UnknownEditError
 
 _GROW_ROWS = 1024  # capacity grows by fixed chunks, so slack stays below one chunk
+# the entry id -> row table is kept while ids stay below SLACK x rows + MIN
+_ROW_TABLE_SLACK = 4
+_ROW_TABLE_MIN = 1 << 16
 
 
 @dataclass
@@ -65,6 +68,9 @@ class Codebook:
         self._size = 0
         self._row_entry: list[int] = []  # row -> entry_id
         self._row_of: dict[int, int] = {}  # entry_id -> row
+        # the same map as a tensor indexed by entry id (-1: none), for rows_of; None once the ids
+        # grow far past the number of rows (they were given, not allocated), and the dict serves
+        self._row_table: torch.Tensor | None = torch.empty(0, dtype=torch.int64)
         self._entries: dict[int, Entry] = {}
         self._edit_entry: dict[int, int] = {}  # edit_id -> entry_id
         self._next_entry_id = 1
@@ -96,10 +102,37 @@ class Codebook:
     def row_of(self, entry_id: int) -> int:
         return self._row_of[entry_id]
 
-    def rows_of(self, entry_ids: list[int]) -> list[int]:
-        """Rows of these entries, -1 for ids not (or no longer) in the codebook."""
-        get = self._row_of.get
-        return [get(e, -1) for e in entry_ids]
+    def rows_of(self, entry_ids: torch.Tensor) -> torch.Tensor:
+        """Rows of these entries (any shape, on the CPU), -1 for ids not (or no longer) in the codebook."""
+        table = self._row_table
+        if table is None:
+            get = self._row_of.get
+            return torch.tensor([get(e, -1) for e in entry_ids.reshape(-1).tolist()], dtype=torch.int64).view_as(
+                entry_ids
+            )
+        if table.shape[0] == 0:
+            return torch.full_like(entry_ids, -1)
+        known = (entry_ids >= 0) & (entry_ids < table.shape[0])
+        return torch.where(known, table[entry_ids.clamp(0, table.shape[0] - 1)], -1)
+
+    def _set_row(self, entry_id: int, row: int) -> None:
+        """Record ``entry_id`` at ``row`` (-1: gone) in the row table, growing or dropping it."""
+        table = self._row_table
+        if table is None:
+            return
+        if entry_id < 0:
+            self._row_table = None
+            return
+        if entry_id >= table.shape[0]:
+            if row < 0:
+                return
+            if entry_id >= _ROW_TABLE_SLACK * (self._size + 1) + _ROW_TABLE_MIN:
+                self._row_table = None  # sparse ids: a table would be mostly holes
+                return
+            grown = torch.full((max(entry_id + 1, 2 * table.shape[0]),), -1, dtype=torch.int64)
+            grown[: table.shape[0]] = table
+            self._row_table = table = grown
+        table[entry_id] = row
 
     def entry(self, entry_id: int) -> Entry:
         return self._entries[entry_id]
@@ -168,6 +201,7 @@ class Codebook:
         self._size += 1
         self._row_entry.append(entry_id)
         self._row_of[entry_id] = row
+        self._set_row(entry_id, row)
         self._entries[entry_id] = Entry(entry_id, tuple(int(t) for t in answer), [EntryVersion(edit_id)])
         self._edit_entry[edit_id] = entry_id
         self.generation += 1
@@ -239,8 +273,10 @@ class Codebook:
             self._values[row] = self._values[last]
             self._row_entry[row] = moved
             self._row_of[moved] = row
+            self._set_row(moved, row)
         self._row_entry.pop()
         del self._row_of[entry_id]
+        self._set_row(entry_id, -1)
         self._size -= 1
 
     # ---- state -----------------------------------------------------------------------------
@@ -341,6 +377,12 @@ class Codebook:
         fresh._size = n
         fresh._row_entry = list(entry_ids)
         fresh._row_of = {e: r for r, e in enumerate(entry_ids)}
+        top = max(entry_ids, default=-1)
+        if min(entry_ids, default=0) < 0 or top >= _ROW_TABLE_SLACK * (n + 1) + _ROW_TABLE_MIN:
+            fresh._row_table = None
+        else:
+            fresh._row_table = torch.full((top + 1,), -1, dtype=torch.int64)
+            fresh._row_table[torch.tensor(entry_ids, dtype=torch.int64)] = torch.arange(n)
         for r, e in enumerate(entry_ids):
             fresh._entries[e] = Entry(e, tuple(answers[offsets[r] : offsets[r + 1]]))
         for e, ed, ki, vi in zip(ver_entry, ver_edit, ver_key_idx, ver_value_idx):

@@ -117,6 +117,36 @@ class _ShardedScan:
         return fresh
 
 
+class _Rows:
+    """A numpy array that grows by appending rows, amortised O(rows appended) (no copy per edit)."""
+
+    def __init__(self, width: int | None, dtype: type) -> None:
+        shape = (0,) if width is None else (0, width)
+        self._buf = np.empty(shape, dtype=dtype)
+        self._n = 0
+
+    @property
+    def view(self) -> np.ndarray:
+        return self._buf[: self._n]
+
+    def __len__(self) -> int:
+        return self._n
+
+    def append(self, rows: np.ndarray) -> None:
+        need = self._n + len(rows)
+        if need > len(self._buf):
+            grown = np.empty((max(need, 2 * len(self._buf), 1024),) + self._buf.shape[1:], dtype=self._buf.dtype)
+            grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
+        self._buf[self._n : need] = rows
+        self._n = need
+
+    def keep(self, rows: np.ndarray) -> None:
+        """Keep only these rows (indices, ascending), in their order."""
+        kept = self._buf[rows]
+        self._buf, self._n = kept, len(kept)
+
+
 class KeyIndex:
     def __init__(
         self,
@@ -125,7 +155,7 @@ class KeyIndex:
         min_keys: int = DEFAULT_MIN_KEYS,
         use_gpu: bool = False,
         *,
-        reduced_dim: int = 128,
+        reduced_dim: int = 96,
         pq_min_keys: int = 16384,
         scan_threads: int = 0,
         rebuild_fraction: float = 0.2,
@@ -156,8 +186,8 @@ class KeyIndex:
         self._mean: np.ndarray | None = None  # [d] PCA centre
         self._proj: np.ndarray | None = None  # [d, r] PCA basis; None searches the keys themselves
         self._fit_count = 0  # keys the projection was fitted on
-        self._label_entry = np.empty(0, dtype=np.int64)  # FAISS label -> entry id, -1 once removed
-        self._label_sig = np.empty((0, _SIGNATURE_PROBES), dtype=np.float32)
+        self._label_entry = _Rows(None, np.int64)  # FAISS label -> entry id, -1 once removed
+        self._label_sig = _Rows(_SIGNATURE_PROBES, np.float32)
         self._entry_label: dict[int, int] = {}  # live entry id -> FAISS label
         self._dead: list[int] = []  # tombstoned labels
 
@@ -205,7 +235,7 @@ class KeyIndex:
         for e in np.asarray(entry_ids, dtype=np.int64).reshape(-1).tolist():
             label = self._entry_label.pop(e, None)
             if label is not None:
-                self._label_entry[label] = -1
+                self._label_entry.view[label] = -1
                 self._dead.append(label)
                 dropped += 1
         if dropped and len(self._dead) > self._max_dead():
@@ -224,7 +254,7 @@ class KeyIndex:
         else:
             with _omp_threads(1 if len(x) < _PARALLEL_QUERIES else 0):
                 _, labels = self._index.search(x, k)
-        entries = np.where(labels >= 0, self._label_entry[np.maximum(labels, 0)], -1)
+        entries = np.where(labels >= 0, self._label_entry.view[np.maximum(labels, 0)], -1)
         if self._dead:  # keep the survivors' order, padding at the end
             order = np.argsort(entries < 0, axis=1, kind="stable")
             entries = np.take_along_axis(entries, order, axis=1)
@@ -268,10 +298,10 @@ class KeyIndex:
                 return None
             ids = self.search(queries.detach().to(torch.float32).cpu().numpy())
             # -1 padding and entries removed since the index saw them map to -1
-            rows = np.asarray(codebook.rows_of(ids.ravel().tolist()), dtype=np.int64).reshape(ids.shape)
-            if (rows < 0).all(axis=1).any():
+            rows = codebook.rows_of(torch.from_numpy(ids))
+            if (rows < 0).all(dim=1).any():
                 return None
-            return torch.from_numpy(rows).to(queries.device)
+            return rows.to(queries.device)
 
         return provide
 
@@ -325,8 +355,8 @@ class KeyIndex:
         start = self._index.ntotal
         for i in range(0, len(entry_ids), _ADD_CHUNK):
             self._index.add(self._project(keys[i : i + _ADD_CHUNK]))
-        self._label_entry = np.concatenate([self._label_entry, entry_ids])
-        self._label_sig = np.concatenate([self._label_sig, keys @ self._probes])
+        self._label_entry.append(entry_ids)
+        self._label_sig.append(keys @ self._probes)
         self._entry_label.update(zip(entry_ids.tolist(), range(start, start + len(entry_ids))))
 
     def _max_dead(self) -> int:
@@ -340,7 +370,7 @@ class KeyIndex:
         PQ code gives the same code. (``IndexPQFastScan.remove_ids`` is not used: codes added after
         it were measured wrong for ~2% of keys in FAISS 1.15, its packed blocks keep stale bits.)"""
         assert self._index is not None
-        live = np.nonzero(self._label_entry >= 0)[0]
+        live = np.nonzero(self._label_entry.view >= 0)[0]
         log.info("key index: compacting %d entries to drop %d tombstones", len(live), len(self._dead))
         if isinstance(self._index, _ShardedScan):
             fresh = self._index.compacted(live)
@@ -351,8 +381,9 @@ class KeyIndex:
             for i in range(0, len(live), _ADD_CHUNK):
                 fresh.add(np.ascontiguousarray(vectors[i : i + _ADD_CHUNK]))
         self._index = fresh
-        self._label_entry, self._label_sig = self._label_entry[live], self._label_sig[live]
-        self._entry_label = dict(zip(self._label_entry.tolist(), range(len(live))))
+        self._label_entry.keep(live)
+        self._label_sig.keep(live)
+        self._entry_label = dict(zip(self._label_entry.view.tolist(), range(len(live))))
         self._dead = []
 
     def _signature(self, keys: torch.Tensor) -> np.ndarray:
@@ -383,8 +414,8 @@ class KeyIndex:
     def _reconcile_all(self, codebook: Codebook) -> None:
         """Compare every row's entry id and key signature with what the index holds."""
         ids = codebook.row_entry_ids.cpu().numpy()
-        live = np.nonzero(self._label_entry >= 0)[0]
-        indexed = self._label_entry[live]
+        live = np.nonzero(self._label_entry.view >= 0)[0]
+        indexed = self._label_entry.view[live]
         self.remove(np.setdiff1d(indexed, ids, assume_unique=True))
         known = np.isin(ids, indexed, assume_unique=True)
         changed = np.zeros(len(ids), dtype=bool)
@@ -392,7 +423,7 @@ class KeyIndex:
             order = np.argsort(indexed)
             labels = live[order[np.searchsorted(indexed[order], ids[known])]]
             now = self._signature(codebook.keys)[known]
-            changed[known] = np.abs(now - self._label_sig[labels]).max(axis=1) > _SIGNATURE_TOL
+            changed[known] = np.abs(now - self._label_sig.view[labels]).max(axis=1) > _SIGNATURE_TOL
         rows = np.nonzero(~known | changed)[0]
         if len(rows):
             self._add_rows(codebook, rows, ids[rows], check_keys=False)
@@ -404,7 +435,7 @@ class KeyIndex:
             sig = keys @ self._probes
             keep = np.array(
                 [
-                    lab < 0 or np.abs(sig[i] - self._label_sig[lab]).max() > _SIGNATURE_TOL
+                    lab < 0 or np.abs(sig[i] - self._label_sig.view[lab]).max() > _SIGNATURE_TOL
                     for i, lab in enumerate(labels)
                 ]
             )

@@ -139,6 +139,27 @@ def test_rollback_of_created_entry_removes_it_and_swaps_last_row_in(cb):
         assert torch.allclose(cb.keys[row], F.normalize(vec(100 + edit - 1, DK), dim=0))
 
 
+def rows_by_dict(cb: Codebook, ids: list[int]) -> list[int]:
+    return [cb.row_of(e) if e in {cb.entry_id_at(r) for r in range(len(cb))} else -1 for e in ids]
+
+
+@pytest.mark.parametrize("first_id", [1, 10**9], ids=["allocated-ids", "sparse-given-ids"])
+def test_rows_of_follows_adds_removals_and_reloads(first_id):
+    cb = Codebook(DK, DV)
+    for i in range(6):
+        cb.add(i + 1, vec(100 + i, DK), vec(200 + i, DV), [10 + i], entry_id=first_id + 3 * i)
+    probe = [first_id + 3 * i for i in range(7)] + [-1, 0, first_id + 1, 2**40]
+    ask = torch.tensor([probe, probe[::-1]])
+    assert cb.rows_of(ask).tolist() == [rows_by_dict(cb, probe), rows_by_dict(cb, probe[::-1])]
+    cb.rollback(2)  # the last row moves into row 1
+    cb.rollback(6)
+    assert cb.rows_of(torch.tensor(probe)).tolist() == rows_by_dict(cb, probe)
+    assert cb.rows_of(torch.tensor(probe)).tolist()[:6] == [0, -1, 2, 3, 1, -1]
+    fresh = Codebook(DK, DV)
+    fresh.load_state_dict(cb.state_dict())
+    assert fresh.rows_of(torch.tensor(probe)).tolist() == rows_by_dict(cb, probe)
+
+
 def test_rollback_unknown_edit_raises_typed_error(cb):
     fill(cb, 1)
     with pytest.raises(UnknownEditError):
