@@ -13,8 +13,10 @@ down_proj, ZsRE prompts): a shared direction giving unrelated keys a mean cosine
 law spectrum (exponent 0.9) around it, and clusters of 64 keys sharing 40% of their residual, like
 prompts built from one template. Paraphrase queries sit at cosine U(0.85, 0.95) from a key, their
 noise drawn from the same spectrum; unrelated queries come from fresh clusters. ``--real`` also
-loads the model and mixes the ZsRE ``src`` queries in as keys, asking with ``rephrase`` (should
-route to its edit) and ``loc`` (should not) prompts.
+puts real keys of the bundled model in place of synthetic ones (ZsRE dev questions, CounterFact
+prompts, ZsRE training questions; up to half of the codebook) and asks with the ZsRE ``rephrase``
+and CounterFact ``rephrase_prompt`` (should route to their own key) and the ``loc`` /
+``locality_prompt`` prompts (should not) (see ``RealSet``).
 
 Timings are on whatever else the machine runs; compare the two columns of one run only.
 
@@ -41,7 +43,8 @@ from horen_core.config import HorenConfig  # noqa: E402
 from horen_core.retrieval import HopfieldRetriever  # noqa: E402
 from service.index import KeyIndex  # noqa: E402
 
-ZSRE = REPO.parent / "shared" / "data" / "zsre" / "zsre_edit_dev.json"  # ../shared beside the checkout
+DATA = REPO.parent / "shared" / "data"  # ../shared beside the checkout
+ZSRE = DATA / "zsre" / "zsre_edit_dev.json"
 _CHUNK = 65536
 
 
@@ -93,24 +96,80 @@ class SyntheticKeys:
         return self._keys(rng, m, self._residuals(rng, max(1, m // 8)))
 
 
-def real_queries(limit: int) -> dict[str, torch.Tensor]:
-    """Unit queries of the real model for ZsRE src / rephrase / loc prompts, one prompt per pass
-    (as the editor computes them: no padding reaches the layer)."""
+class RealSet:
+    """Keys and queries of the bundled model on real editing prompts, as the editor computes them.
+
+    Keys, in this order: the ZsRE dev ``src`` questions, CounterFact ``prompt``s, questions of the
+    ZsRE training file. Queries: ZsRE ``rephrase`` and CounterFact ``rephrase_prompt`` (each should
+    route to its own record's key, ``own`` its index in ``keys``), ZsRE ``loc`` and CounterFact
+    ``locality_prompt`` (should route nowhere). The keyed records come first, so any leading
+    ``len(keys)`` >= ``min_keys`` holds every key a query asks for."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.keys = tensors["keys"]
+        self.queries = {k: v for k, v in tensors.items() if k != "keys" and not k.endswith("_own")}
+        self.own = {k[: -len("_own")]: v for k, v in tensors.items() if k.endswith("_own")}
+        self.min_keys = int(max(v.max() for v in self.own.values())) + 1
+
+    @classmethod
+    def load(cls, cf_records: int, extra_keys: int) -> RealSet:
+        """From the cache under .horen, else computed (minutes; batched, right-padded passes give
+        the one-prompt queries to 1e-6)."""
+        cache = REPO / ".horen" / f"bench_real_v2_{cf_records}_{extra_keys}.pt"
+        if cache.exists():
+            return cls(torch.load(cache))
+        zsre = json.loads(ZSRE.read_text())
+        cf = json.loads((DATA / "counterfact" / "counterfact-train.json").read_text())
+        train = [
+            line.split("\t")[0] for line in (DATA / "zsre" / "zsre_mend_train_en_10000.tsv").read_text().splitlines()
+        ]
+        asked = cf[:cf_records]
+        keyed = [r["src"] for r in zsre] + [r["prompt"] for r in cf]
+        keys = (keyed + train)[: len(keyed) + extra_keys] if extra_keys else keyed
+        prompts = {
+            "keys": keys,
+            "zsre_rephrase": [r["rephrase"] for r in zsre],
+            "zsre_loc": [r["loc"] for r in zsre],
+            "cf_rephrase": [r["rephrase_prompt"] for r in asked],
+            "cf_loc": [r["locality_prompt"] for r in asked],
+        }
+        tensors = {k: unit_queries(v) for k, v in prompts.items()}
+        tensors["zsre_rephrase_own"] = torch.arange(len(zsre))
+        tensors["cf_rephrase_own"] = torch.arange(len(zsre), len(zsre) + len(asked))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(tensors, cache)
+        return cls(tensors)
+
+
+def unit_queries(prompts: list[str], batch: int = 64) -> torch.Tensor:
+    """The editor's unit query of each prompt, computed in right-padded batches of similar length
+    (causal attention: padding after a prompt changes nothing before it)."""
     from horen_core import HorenConfig, HorenEditor, load_model
     from horen_core.layer import compute_queries
 
-    model, tokenizer = load_model(None, device="cpu", converted_dir=REPO / ".horen" / "converted")
-    editor = HorenEditor(model, tokenizer, HorenConfig())
-    records = json.loads(ZSRE.read_text())[:limit]
-    cfg = editor.config
-    out: dict[str, list[torch.Tensor]] = {"src": [], "rephrase": [], "loc": []}
+    global _EDITOR
+    if _EDITOR is None:
+        model, tokenizer = load_model(None, device="cpu", converted_dir=REPO / ".horen" / "converted")
+        _EDITOR = HorenEditor(model, tokenizer, HorenConfig())
+    editor, cfg = _EDITOR, _EDITOR.config
+    encoded = [editor.encode_prompt(p) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out = torch.empty(len(prompts), editor.codebook.key_dim)
     with torch.no_grad():
-        for r in records:
-            for field in out:
-                ids = torch.tensor([editor.encode_prompt(r[field])])
-                x = editor._lower_pass(ids)["x"]
-                out[field].append(compute_queries(x, torch.ones_like(ids), cfg.query_strategy, cfg.query_fraction)[0])
-    return {k: torch.stack(v).float().cpu() for k, v in out.items()}
+        for i in range(0, len(order), batch):
+            rows = order[i : i + batch]
+            width = max(len(encoded[r]) for r in rows)
+            ids = torch.zeros(len(rows), width, dtype=torch.long)
+            mask = torch.zeros(len(rows), width, dtype=torch.long)
+            for j, r in enumerate(rows):
+                ids[j, : len(encoded[r])] = torch.tensor(encoded[r])
+                mask[j, : len(encoded[r])] = 1
+            x = editor._lower_pass(ids)["x"]
+            out[rows] = compute_queries(x, mask, cfg.query_strategy, cfg.query_fraction).float().cpu()
+    return out
+
+
+_EDITOR = None
 
 
 def build_codebook(keys: torch.Tensor) -> Codebook:
@@ -146,22 +205,25 @@ def stats_ms(seconds: list[float]) -> dict[str, float]:
     return {"mean": float(ms.mean()), "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
 
 
-def run_size(n: int, args: argparse.Namespace, real: dict[str, torch.Tensor] | None) -> dict:
+def run_size(n: int, args: argparse.Namespace, real: RealSet | None) -> dict:
     d = args.dim
     default_threads = torch.get_num_threads()
     rng = np.random.default_rng(args.seed + 1)
     syn = SyntheticKeys(n, d, seed=args.seed)
-    n_real = 0 if real is None else len(real["src"])
+    n_real = 0 if real is None else min(len(real.keys), n // 2)  # real keys fill at most half
+    if real is not None and n_real < real.min_keys:
+        raise SystemExit(f"{n} keys leave room for {n_real} real keys; the real queries need {real.min_keys}")
     keys = torch.empty(n, d)
     t = time.perf_counter()
     syn.fill(keys[: n - n_real])
-    if n_real:
-        keys[n - n_real :] = real["src"]
     src = rng.choice(n - n_real, args.queries, replace=False)
     para = torch.from_numpy(syn.paraphrases(keys[src].numpy(), rng))
     queries = {"paraphrase": para, "unrelated": torch.from_numpy(syn.unrelated(args.unrelated, rng))}
-    if n_real:
-        queries["real_rephrase"], queries["real_loc"] = real["rephrase"], real["loc"]
+    own_rows: dict[str, torch.Tensor] = {}  # per rephrase kind: the row of each query's own key
+    if real is not None:
+        keys[n - n_real :] = real.keys[:n_real]
+        queries.update(real.queries)
+        own_rows = {kind: own + (n - n_real) for kind, own in real.own.items()}
     cb = build_codebook(keys)
     del keys
     print(f"\n== {n} keys, dim {d}: generated in {time.perf_counter() - t:.1f}s", flush=True)
@@ -172,6 +234,7 @@ def run_size(n: int, args: argparse.Namespace, real: dict[str, torch.Tensor] | N
         min_keys=0,
         reduced_dim=args.reduced_dim,
         pq_min_keys=args.pq_min_keys,
+        code_dims=args.code_dims,
         scan_threads=args.scan_threads,
     )
     t = time.perf_counter()
@@ -193,6 +256,7 @@ def run_size(n: int, args: argparse.Namespace, real: dict[str, torch.Tensor] | N
         return retriever.route(q, cb.keys, None, order=order)
 
     agreement, hits, recall, own = {}, {}, {}, {}
+    print(f"{n_real} real keys; queries: " + ", ".join(f"{k} {len(q)}" for k, q in queries.items()))
     t = time.perf_counter()
     for kind, q in queries.items():
         same, hit_e, hit_p, found, own_e, own_p = 0, 0, 0, 0, 0, 0
@@ -203,8 +267,8 @@ def run_size(n: int, args: argparse.Namespace, real: dict[str, torch.Tensor] | N
             hit_e += int((e.rows >= 0).sum())
             hit_p += int((p.rows >= 0).sum())
             found += int(((cand == e.rows[:, None]).any(dim=1) | (e.rows < 0)).sum())
-            if kind == "real_rephrase":  # record i's own edit is the key at row n - n_real + i
-                mine = torch.arange(i, i + len(qb)) + (n - n_real)
+            if kind in own_rows:
+                mine = own_rows[kind][i : i + len(qb)]
                 own_e += int((e.rows == mine).sum())
                 own_p += int((p.rows == mine).sum())
         agreement[kind] = same / len(q)
@@ -215,9 +279,11 @@ def run_size(n: int, args: argparse.Namespace, real: dict[str, torch.Tensor] | N
             f" prefiltered {hits[kind]['prefiltered']:.3f}  exact row among candidates {recall[kind]:.4f}",
             flush=True,
         )
-        if kind == "real_rephrase":
-            own = {"exact": own_e / len(q), "prefiltered": own_p / len(q)}
-            print(f"  {'':14s} routed to its own edit: exact {own['exact']:.4f} prefiltered {own['prefiltered']:.4f}")
+        if kind in own_rows:
+            own[kind] = {"exact": own_e / len(q), "prefiltered": own_p / len(q)}
+            print(
+                f"  {'':14s} routed to its own key: exact {own[kind]['exact']:.4f} prefiltered {own[kind]['prefiltered']:.4f}"
+            )
     total = sum(len(q) for q in queries.values())
     agreement["all"] = sum(agreement[k] * len(q) for k, q in queries.items()) / total
     print(f"agreement (all {total} queries): {agreement['all']:.4f}  [{time.perf_counter() - t:.0f}s]", flush=True)
@@ -281,7 +347,8 @@ def run_size(n: int, args: argparse.Namespace, real: dict[str, torch.Tensor] | N
         "agreement": {k: round(v, 5) for k, v in agreement.items()},
         "routed": hits,
         "candidate_recall": {k: round(v, 5) for k, v in recall.items()},
-        "real_rephrase_routed_to_own_edit": own,
+        "real_keys": n_real,
+        "routed_to_own_key": own,
         "sync_ms": {"with_changes": round(sync_changes * 1e3, 2), "without": round(sync_blind * 1e3, 2)},
     }
 
@@ -295,15 +362,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timed", type=int, default=200, help="single queries timed per size")
     ap.add_argument("--exact-budget", type=float, default=30.0, help="seconds spent timing exact routing")
     ap.add_argument("--batch", type=int, default=64, help="queries per batch in the agreement pass")
-    ap.add_argument("--top-k", type=int, default=128, help="candidates fetched; the retriever attends the 32 nearest")
+    ap.add_argument("--top-k", type=int, default=256, help="candidates fetched; the retriever attends the 32 nearest")
     ap.add_argument(
         "--scan-threads", type=int, default=0, help="shards one query's scan is split into (0: cores, <= 4)"
     )
-    ap.add_argument("--reduced-dim", type=int, default=96, help="PCA dimensions the index scans in")
+    ap.add_argument("--reduced-dim", type=int, default=256, help="PCA dimensions the index scans in")
+    ap.add_argument("--code-dims", type=int, default=4, help="PCA dimensions per 4-bit PQ code")
     ap.add_argument("--pq-min-keys", type=int, default=16384, help="exact flat scan below, 4-bit PQ fast scan from")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for prefiltered routing")
-    ap.add_argument("--real", action="store_true", help="also route real ZsRE queries of the bundled model")
-    ap.add_argument("--real-limit", type=int, default=640)
+    ap.add_argument(
+        "--real", action="store_true", help="also index real keys and route real queries of the bundled model"
+    )
+    ap.add_argument("--real-cf", type=int, default=1000, help="CounterFact records asked with their rephrase/locality")
+    ap.add_argument("--real-extra", type=int, default=10000, help="ZsRE training questions added as keys only")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     real = None
@@ -311,14 +382,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.dim != 1536:
             ap.error("--real needs --dim 1536 (the model's key dimension)")
         t = time.perf_counter()
-        cache = REPO / ".horen" / f"bench_real_queries_{args.real_limit}.pt"  # the bundled model's, 2 min to compute
-        if cache.exists():
-            real = torch.load(cache)
-        else:
-            real = real_queries(args.real_limit)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(real, cache)
-        print(f"real queries: {len(real['src'])} ZsRE records in {time.perf_counter() - t:.0f}s", flush=True)
+        real = RealSet.load(args.real_cf, args.real_extra)
+        print(
+            f"real: {len(real.keys)} keys, queries "
+            + ", ".join(f"{k} {len(q)}" for k, q in real.queries.items())
+            + f" ({time.perf_counter() - t:.0f}s)",
+            flush=True,
+        )
     results = [run_size(int(s), args, real) for s in args.sizes.split(",")]
     summary = {"bench": "index", "dim": args.dim, "top_k": args.top_k, "results": results}
     print(json.dumps(summary))

@@ -135,7 +135,8 @@ class _Rows:
     def append(self, rows: np.ndarray) -> None:
         need = self._n + len(rows)
         if need > len(self._buf):
-            grown = np.empty((max(need, 2 * len(self._buf), 1024),) + self._buf.shape[1:], dtype=self._buf.dtype)
+            size = max(need + need // 2, 2 * len(self._buf), 1024)  # headroom after a bulk rebuild too
+            grown = np.empty((size,) + self._buf.shape[1:], dtype=self._buf.dtype)
             grown[: self._n] = self._buf[: self._n]
             self._buf = grown
         self._buf[self._n : need] = rows
@@ -151,12 +152,13 @@ class KeyIndex:
     def __init__(
         self,
         dim: int,
-        top_k: int = 128,
+        top_k: int = 256,
         min_keys: int = DEFAULT_MIN_KEYS,
         use_gpu: bool = False,
         *,
-        reduced_dim: int = 96,
+        reduced_dim: int = 256,
         pq_min_keys: int = 16384,
+        code_dims: int = 4,
         scan_threads: int = 0,
         rebuild_fraction: float = 0.2,
         pca_sample: int = 20000,
@@ -169,6 +171,7 @@ class KeyIndex:
         self.min_keys = min_keys  # the provider answers None (exact routing) below this many keys
         self.reduced_dim = min(reduced_dim, dim)  # PCA dimensions the index works in
         self.pq_min_keys = pq_min_keys  # from this many keys, 4-bit PQ fast scan instead of an exact flat scan
+        self.code_dims = code_dims  # reduced dimensions per 4-bit PQ code (bytes per key: reduced_dim / 2 / code_dims)
         self.scan_threads = scan_threads or default_scan_threads()  # shards one PQ scan is split into
         self.rebuild_fraction = rebuild_fraction  # tombstones per live entry that trigger a rebuild
         self.pca_sample = pca_sample  # keys the PCA is fitted on; refits stop once this many were seen
@@ -346,7 +349,7 @@ class KeyIndex:
             return faiss.IndexFlatL2(d)
         # two dimensions per 4-bit code: at 128 dims the exact key of a paraphrase stays among the
         # top 32 (bench); one code per 4 dimensions halves the scan but lost 1.7% of them
-        index = faiss.IndexPQFastScan(d, d // 2 if d % 2 == 0 else d, 4)
+        index = faiss.IndexPQFastScan(d, d // self.code_dims if d % self.code_dims == 0 else d, 4)
         index.train(np.ascontiguousarray(sample))
         return _ShardedScan(index, self.scan_threads)
 

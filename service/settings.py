@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     index_min_keys: int = Field(default=4096, ge=0)
     # candidates the FAISS prefilter fetches; the Hopfield refinement attends the nearest
     # hopfield_support (32) of them by exact cosine, so more than that makes up for PCA/PQ blur
-    index_top_k: int = Field(default=128, ge=1)
+    index_top_k: int = Field(default=256, ge=1)
     # shards one prefilter scan is split into, each on its own thread (0: the usable cores, at most 4)
     index_threads: int = Field(default=0, ge=0)
     # HoReN method settings (layer, threshold, ...), as JSON, e.g. HOREN_HOREN='{"threshold": 0.85}'

@@ -40,6 +40,7 @@ def exact_top1(queries: np.ndarray, keys: np.ndarray, ids: np.ndarray) -> np.nda
 
 def small_index(**kw) -> KeyIndex:
     kw.setdefault("reduced_dim", 32)
+    kw.setdefault("code_dims", 2)  # 16 bytes per key at 32 dimensions
     kw.setdefault("min_keys", 0)
     kw.setdefault("pq_min_keys", 1000)  # the quantised scan, as at scale, for all but the smallest
     kw.setdefault("scan_threads", 2)  # two shards, each searched on its own thread
@@ -54,17 +55,19 @@ def codebook_with(keys: np.ndarray) -> Codebook:
     return cb
 
 
-def test_candidates_contain_exact_top1():
+@pytest.mark.parametrize("code_dims, kind", [(2, "pca32-pq16x4fs"), (4, "pca64-pq16x4fs")])
+def test_candidates_contain_exact_top1(code_dims, kind):
     keys = clustered_keys(3000)
     ids = np.arange(100, 3100, dtype=np.int64)
-    index = small_index()
+    # the same 8 bytes per key: 32 dimensions two to a code, or 64 four to a code
+    index = small_index(code_dims=code_dims, reduced_dim=16 * code_dims)
     index.rebuild(ids, keys)
     q = paraphrases(keys[::7])
     found = index.search(q)
     assert found.shape == (len(q), index.top_k)
     assert np.isin(found, ids).all()  # entry ids, never rows; the index is bigger than top_k
     assert (found == exact_top1(q, keys, ids)[:, None]).any(axis=1).all()
-    assert index.kind == "pca32-pq16x4fs"
+    assert index.kind == kind
 
 
 def test_small_index_searches_full_keys_and_pads():
