@@ -16,7 +16,11 @@ noise drawn from the same spectrum; unrelated queries come from fresh clusters. 
 puts real keys of the bundled model in place of synthetic ones (ZsRE dev questions, CounterFact
 prompts, ZsRE training questions; up to half of the codebook) and asks with the ZsRE ``rephrase``
 and CounterFact ``rephrase_prompt`` (should route to their own key) and the ``loc`` /
-``locality_prompt`` prompts (should not) (see ``RealSet``).
+``locality_prompt`` prompts (should not) (see ``RealSet``). Read agreement on the real kinds:
+a synthetic paraphrase has a median of 1 key within 0.1 cosine of its best, a CounterFact rephrase
+80 of the 20,640 real keys (ZsRE rephrase 2), and those agree far less under the same index.
+The first ``--real`` run computes the real keys and queries (~24K prompts, about 4 minutes) into
+``.horen/``; later runs load them.
 
 Timings are on whatever else the machine runs; compare the two columns of one run only.
 
