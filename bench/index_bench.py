@@ -239,6 +239,7 @@ def run_size(n: int, args: argparse.Namespace, real: RealSet | None) -> dict:
         reduced_dim=args.reduced_dim,
         pq_min_keys=args.pq_min_keys,
         code_dims=args.code_dims,
+        scan_k=args.scan_k,
         scan_threads=args.scan_threads,
     )
     t = time.perf_counter()
@@ -371,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         "--scan-threads", type=int, default=0, help="shards one query's scan is split into (0: cores, <= 4)"
     )
     ap.add_argument("--reduced-dim", type=int, default=256, help="PCA dimensions the index scans in")
+    ap.add_argument(
+        "--scan-k", type=int, default=1024, help="codes the scan fetches, re-ranked in the PCA space to --top-k"
+    )
     ap.add_argument("--code-dims", type=int, default=4, help="PCA dimensions per 4-bit PQ code")
     ap.add_argument("--pq-min-keys", type=int, default=16384, help="exact flat scan below, 4-bit PQ fast scan from")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for prefiltered routing")
@@ -394,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     results = [run_size(int(s), args, real) for s in args.sizes.split(",")]
-    summary = {"bench": "index", "dim": args.dim, "top_k": args.top_k, "results": results}
+    summary = {"bench": "index", "dim": args.dim, "top_k": args.top_k, "scan_k": args.scan_k, "results": results}
     print(json.dumps(summary))
     return 0
 

@@ -161,6 +161,7 @@ class KeyIndex:
         reduced_dim: int = 256,
         pq_min_keys: int = 16384,
         code_dims: int = 4,
+        scan_k: int = 1024,
         scan_threads: int = 0,
         rebuild_fraction: float = 0.2,
         pca_sample: int = 20000,
@@ -173,6 +174,9 @@ class KeyIndex:
         self.min_keys = min_keys  # the provider answers None (exact routing) below this many keys
         self.reduced_dim = min(reduced_dim, dim)  # PCA dimensions the index works in
         self.pq_min_keys = pq_min_keys  # from this many keys, 4-bit PQ fast scan instead of an exact flat scan
+        # the quantised scan fetches this many, re-ranked by exact distance in the reduced space down to
+        # top_k (the projected keys are kept beside the codes: 4 bytes per dimension); <= top_k: none
+        self.scan_k = max(scan_k, top_k)
         self.code_dims = code_dims  # reduced dimensions per 4-bit PQ code (bytes per key: reduced_dim / 2 / code_dims)
         self.scan_threads = scan_threads or default_scan_threads()  # shards one PQ scan is split into
         self.rebuild_fraction = rebuild_fraction  # tombstones per live entry that trigger a rebuild
@@ -193,6 +197,8 @@ class KeyIndex:
         self._fit_count = 0  # keys the projection was fitted on
         self._label_entry = _Rows(None, np.int64)  # FAISS label -> entry id, -1 once removed
         self._label_sig = _Rows(_SIGNATURE_PROBES, np.float32)
+        self._reduced: _Rows | None = None  # label -> projected key, when the scan's codes are re-ranked
+        self._reduced_sq: _Rows | None = None  # label -> its squared norm
         self._entry_label: dict[int, int] = {}  # live entry id -> FAISS label
         self._dead: list[int] = []  # tombstoned labels
 
@@ -223,6 +229,8 @@ class KeyIndex:
         self._clear()
         sample = self._fit(keys)
         self._index = self._new_index(self._project(sample), len(keys))
+        if isinstance(self._index, _ShardedScan) and self.scan_k > self.top_k:
+            self._reduced, self._reduced_sq = _Rows(self._index.d, np.float32), _Rows(None, np.float32)
         self._append(entry_ids, keys)
 
     def add(self, entry_ids: np.ndarray, keys: np.ndarray) -> None:
@@ -253,14 +261,26 @@ class KeyIndex:
         if self._index is None or not self._entry_label:
             return out
         x = self._project(q)
-        k = min(self._index.ntotal, self.top_k + len(self._dead))  # over-fetch past the tombstones
+        fetch = self.scan_k if self._reduced is not None else self.top_k
+        k = min(self._index.ntotal, fetch + len(self._dead))  # over-fetch past the tombstones
         if self.on_gpu:
             _, labels = self._index.search(x, min(k, _GPU_MAX_K))
         else:
             with _omp_threads(1 if len(x) < _PARALLEL_QUERIES else 0):
                 _, labels = self._index.search(x, k)
-        entries = np.where(labels >= 0, self._label_entry.view[np.maximum(labels, 0)], -1)
-        if self._dead:  # keep the survivors' order, padding at the end
+        found = labels >= 0
+        entries = np.where(found, self._label_entry.view[np.where(found, labels, 0)], -1)
+        if self._reduced is not None:  # quantised order: re-rank by exact distance in the reduced space
+            assert self._reduced_sq is not None
+            at = np.where(found, labels, 0)
+            # |v - x|^2 less the query's own |x|^2, which orders nothing
+            dist = self._reduced_sq.view[at] - 2 * np.matmul(self._reduced.view[at], x[:, :, None])[:, :, 0]
+            dist[entries < 0] = np.inf  # padding and tombstones last
+            keep = min(self.top_k, dist.shape[1])
+            best = np.argpartition(dist, keep - 1, axis=1)[:, :keep]
+            best = np.take_along_axis(best, np.argsort(np.take_along_axis(dist, best, axis=1), axis=1), axis=1)
+            entries = np.take_along_axis(entries, best, axis=1)
+        elif self._dead:  # keep the survivors' order, padding at the end
             order = np.argsort(entries < 0, axis=1, kind="stable")
             entries = np.take_along_axis(entries, order, axis=1)
         out[:, : min(self.top_k, entries.shape[1])] = entries[:, : self.top_k]
@@ -359,7 +379,11 @@ class KeyIndex:
         assert self._index is not None
         start = self._index.ntotal
         for i in range(0, len(entry_ids), _ADD_CHUNK):
-            self._index.add(self._project(keys[i : i + _ADD_CHUNK]))
+            x = self._project(keys[i : i + _ADD_CHUNK])
+            self._index.add(x)
+            if self._reduced is not None and self._reduced_sq is not None:
+                self._reduced.append(x)
+                self._reduced_sq.append(np.einsum("ij,ij->i", x, x))
         self._label_entry.append(entry_ids)
         self._label_sig.append(keys @ self._probes)
         self._entry_label.update(zip(entry_ids.tolist(), range(start, start + len(entry_ids))))
@@ -386,8 +410,9 @@ class KeyIndex:
             for i in range(0, len(live), _ADD_CHUNK):
                 fresh.add(np.ascontiguousarray(vectors[i : i + _ADD_CHUNK]))
         self._index = fresh
-        self._label_entry.keep(live)
-        self._label_sig.keep(live)
+        for rows in (self._label_entry, self._label_sig, self._reduced, self._reduced_sq):
+            if rows is not None:
+                rows.keep(live)
         self._entry_label = dict(zip(self._label_entry.view.tolist(), range(len(live))))
         self._dead = []
 

@@ -70,6 +70,30 @@ def test_candidates_contain_exact_top1(code_dims, kind):
     assert index.kind == kind
 
 
+def test_scanned_codes_are_reranked_by_exact_distance_in_the_reduced_space():
+    keys = clustered_keys(3000)
+    ids = np.arange(100, 3100, dtype=np.int64)
+    wide, narrow = small_index(top_k=64, scan_k=0), small_index(top_k=8, scan_k=64)
+    wide.rebuild(ids, keys)
+    narrow.rebuild(ids, keys)
+    q = paraphrases(keys[::7])
+    found = narrow.search(q)
+    assert found.shape == (len(q), 8) and (found >= 0).all()
+    # the 8 nearest of the scan's 64 by exact distance between projected keys, nearest first
+    x, reduced = narrow._project(q), narrow._project(keys)
+    dist = lambda e: np.square(reduced[e - 100] - x[:, None, :]).sum(axis=2)  # noqa: E731
+    d_found = dist(found)
+    assert (np.diff(d_found, axis=1) >= -1e-5).all()
+    np.testing.assert_allclose(d_found, np.sort(dist(wide.search(q)), axis=1)[:, :8], rtol=1e-4, atol=1e-5)
+    assert (found == exact_top1(q, keys, ids)[:, None]).any(axis=1).all()
+    # removed entries never come back; the next nearest take their places
+    gone = found[:5, 0]
+    narrow.remove(gone)
+    again = narrow.search(q[:5])
+    assert not np.isin(again, gone).any() and (again >= 0).all()
+    assert (again[:, 0] == found[:5, 1]).all()
+
+
 def test_small_index_searches_full_keys_and_pads():
     keys = clustered_keys(10)
     index = small_index()
