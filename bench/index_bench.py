@@ -14,7 +14,7 @@ law spectrum (exponent 0.9) around it, and clusters of 64 keys sharing 40% of th
 prompts built from one template. Paraphrase queries sit at cosine U(0.85, 0.95) from a key, their
 noise drawn from the same spectrum; unrelated queries come from fresh clusters. ``--real`` also
 puts real keys of the bundled model in place of synthetic ones (ZsRE dev questions, CounterFact
-prompts, ZsRE training questions; up to half of the codebook) and asks with the ZsRE ``rephrase``
+prompts, ZsRE training questions; up to half of the codebook, ``--real-fraction``) and asks with the ZsRE ``rephrase``
 and CounterFact ``rephrase_prompt`` (should route to their own key) and the ``loc`` /
 ``locality_prompt`` prompts (should not) (see ``RealSet``). Read agreement on the real kinds:
 a synthetic paraphrase has a median of 1 key within 0.1 cosine of its best, a CounterFact rephrase
@@ -214,15 +214,16 @@ def run_size(n: int, args: argparse.Namespace, real: RealSet | None) -> dict:
     default_threads = torch.get_num_threads()
     rng = np.random.default_rng(args.seed + 1)
     syn = SyntheticKeys(n, d, seed=args.seed)
-    n_real = 0 if real is None else min(len(real.keys), n // 2)  # real keys fill at most half
+    n_real = 0 if real is None else min(len(real.keys), int(n * args.real_fraction))
     if real is not None and n_real < real.min_keys:
         raise SystemExit(f"{n} keys leave room for {n_real} real keys; the real queries need {real.min_keys}")
     keys = torch.empty(n, d)
     t = time.perf_counter()
     syn.fill(keys[: n - n_real])
-    src = rng.choice(n - n_real, args.queries, replace=False)
-    para = torch.from_numpy(syn.paraphrases(keys[src].numpy(), rng))
-    queries = {"paraphrase": para, "unrelated": torch.from_numpy(syn.unrelated(args.unrelated, rng))}
+    queries = {"unrelated": torch.from_numpy(syn.unrelated(args.unrelated, rng))}
+    if n > n_real:  # synthetic paraphrases of synthetic keys
+        src = rng.choice(n - n_real, min(args.queries, n - n_real), replace=False)
+        queries = {"paraphrase": torch.from_numpy(syn.paraphrases(keys[src].numpy(), rng)), **queries}
     own_rows: dict[str, torch.Tensor] = {}  # per rephrase kind: the row of each query's own key
     if real is not None:
         keys[n - n_real :] = real.keys[:n_real]
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--reduced-dim", type=int, default=256, help="PCA dimensions the index scans in")
     ap.add_argument(
-        "--scan-k", type=int, default=1024, help="codes the scan fetches, re-ranked in the PCA space to --top-k"
+        "--scan-k", type=int, default=768, help="codes the scan fetches, re-ranked in the PCA space to --top-k"
     )
     ap.add_argument("--code-dims", type=int, default=4, help="PCA dimensions per 4-bit PQ code")
     ap.add_argument("--pq-min-keys", type=int, default=16384, help="exact flat scan below, 4-bit PQ fast scan from")
@@ -382,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         "--real", action="store_true", help="also index real keys and route real queries of the bundled model"
     )
     ap.add_argument("--real-cf", type=int, default=1000, help="CounterFact records asked with their rephrase/locality")
+    ap.add_argument(
+        "--real-fraction", type=float, default=0.5, help="most of the codebook that real keys may fill (1: all real)"
+    )
     ap.add_argument("--real-extra", type=int, default=10000, help="ZsRE training questions added as keys only")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

@@ -161,7 +161,7 @@ class KeyIndex:
         reduced_dim: int = 256,
         pq_min_keys: int = 16384,
         code_dims: int = 4,
-        scan_k: int = 1024,
+        scan_k: int = 768,
         scan_threads: int = 0,
         rebuild_fraction: float = 0.2,
         pca_sample: int = 20000,
