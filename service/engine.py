@@ -221,6 +221,7 @@ class Engine:
         self.index = KeyIndex(
             editor.codebook.key_dim,
             top_k=s.index_top_k,
+            scan_k=s.index_scan_k,
             min_keys=s.index_min_keys,
             use_gpu=use_gpu,
             scan_threads=s.index_threads,

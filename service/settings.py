@@ -42,9 +42,12 @@ class Settings(BaseSettings):
     conflict_retries: int = Field(default=3, ge=0)
     # codebook size from which the FAISS prefilter is used (exact search below it)
     index_min_keys: int = Field(default=4096, ge=0)
-    # candidates the FAISS prefilter fetches; the Hopfield refinement attends the nearest
+    # candidates the FAISS prefilter hands to routing; the Hopfield refinement attends the nearest
     # hopfield_support (32) of them by exact cosine, so more than that makes up for PCA/PQ blur
     index_top_k: int = Field(default=256, ge=1)
+    # quantised codes one scan fetches, re-ranked by exact distance in the PCA space to index_top_k
+    # (at most index_top_k: no re-rank)
+    index_scan_k: int = Field(default=768, ge=1)
     # shards one prefilter scan is split into, each on its own thread (0: the usable cores, at most 4)
     index_threads: int = Field(default=0, ge=0)
     # HoReN method settings (layer, threshold, ...), as JSON, e.g. HOREN_HOREN='{"threshold": 0.85}'
