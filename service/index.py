@@ -272,7 +272,7 @@ class KeyIndex:
                 _, labels = self._index.search(x, k)
         found = labels >= 0
         entries = np.where(found, self._label_entry.view[np.where(found, labels, 0)], -1)
-        if self._reduced is not None:  # quantised order: re-rank by exact distance in the reduced space
+        if self._reduced is not None and labels.shape[1]:  # quantised order: re-rank by exact distance
             assert self._reduced_sq is not None
             at = np.where(found, labels, 0)
             # |v - x|^2 less the query's own |x|^2, which orders nothing
