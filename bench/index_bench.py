@@ -31,6 +31,7 @@ Timings are on whatever else the machine runs; compare the two columns of one ru
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -148,14 +149,10 @@ class RealSet:
 def unit_queries(prompts: list[str], batch: int = 64) -> torch.Tensor:
     """The editor's unit query of each prompt, computed in right-padded batches of similar length
     (causal attention: padding after a prompt changes nothing before it)."""
-    from horen_core import HorenConfig, HorenEditor, load_model
     from horen_core.layer import compute_queries
 
-    global _EDITOR
-    if _EDITOR is None:
-        model, tokenizer = load_model(None, device="cpu", converted_dir=REPO / ".horen" / "converted")
-        _EDITOR = HorenEditor(model, tokenizer, HorenConfig())
-    editor, cfg = _EDITOR, _EDITOR.config
+    editor = _editor()
+    cfg = editor.config
     encoded = [editor.encode_prompt(p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out = torch.empty(len(prompts), editor.codebook.key_dim)
@@ -173,7 +170,13 @@ def unit_queries(prompts: list[str], batch: int = 64) -> torch.Tensor:
     return out
 
 
-_EDITOR = None
+@functools.cache
+def _editor():
+    """The bundled model's editor, loaded once per run."""
+    from horen_core import HorenEditor, load_model
+
+    model, tokenizer = load_model(None, device="cpu", converted_dir=REPO / ".horen" / "converted")
+    return HorenEditor(model, tokenizer, HorenConfig())
 
 
 def build_codebook(keys: torch.Tensor) -> Codebook:
@@ -368,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timed", type=int, default=200, help="single queries timed per size")
     ap.add_argument("--exact-budget", type=float, default=30.0, help="seconds spent timing exact routing")
     ap.add_argument("--batch", type=int, default=64, help="queries per batch in the agreement pass")
-    ap.add_argument("--top-k", type=int, default=256, help="candidates fetched; the retriever attends the 32 nearest")
+    ap.add_argument(
+        "--top-k", type=int, default=256, help="candidates handed to routing, which attends their 32 nearest"
+    )
     ap.add_argument(
         "--scan-threads", type=int, default=0, help="shards one query's scan is split into (0: cores, <= 4)"
     )

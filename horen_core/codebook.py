@@ -28,6 +28,11 @@ _ROW_TABLE_SLACK = 4
 _ROW_TABLE_MIN = 1 << 16
 
 
+def _row_table_fits(top_id: int, rows: int) -> bool:
+    """Whether entry ids up to ``top_id`` are dense enough over ``rows`` rows for a row table."""
+    return top_id < _ROW_TABLE_SLACK * (rows + 1) + _ROW_TABLE_MIN
+
+
 @dataclass
 class EntryVersion:
     edit_id: int
@@ -126,7 +131,7 @@ class Codebook:
         if entry_id >= table.shape[0]:
             if row < 0:
                 return
-            if entry_id >= _ROW_TABLE_SLACK * (self._size + 1) + _ROW_TABLE_MIN:
+            if not _row_table_fits(entry_id, self._size):
                 self._row_table = None  # sparse ids: a table would be mostly holes
                 return
             grown = torch.full((max(entry_id + 1, 2 * table.shape[0]),), -1, dtype=torch.int64)
@@ -378,7 +383,7 @@ class Codebook:
         fresh._row_entry = list(entry_ids)
         fresh._row_of = {e: r for r, e in enumerate(entry_ids)}
         top = max(entry_ids, default=-1)
-        if min(entry_ids, default=0) < 0 or top >= _ROW_TABLE_SLACK * (n + 1) + _ROW_TABLE_MIN:
+        if min(entry_ids, default=0) < 0 or not _row_table_fits(top, n):
             fresh._row_table = None
         else:
             fresh._row_table = torch.full((top + 1,), -1, dtype=torch.int64)

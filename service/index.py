@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 CandidateProvider = Callable[[torch.Tensor], torch.Tensor | None]
 
 # Below this many keys exact routing is about as fast as index search + routing over candidates, and
-# exact (bench/index_bench.py at 1536 dims on this 2-core CPU: 10K keys 4.2 ms exact, 0.88 prefiltered)
+# exact (bench/index_bench.py at 1536 dims on this 2-core CPU: 10K keys 3.1 ms exact, 0.63 prefiltered)
 DEFAULT_MIN_KEYS = 4096
 _SIGNATURE_PROBES = 8  # random projections per key that reveal a key changed under the same entry id
 _SIGNATURE_TOL = 1e-5  # float noise of recomputing a projection; a changed key moves it ~1e-2
@@ -84,8 +84,9 @@ def default_scan_threads() -> int:
 
 class _ShardedScan:
     """A trained ``IndexPQFastScan`` split into shards that one search scans in parallel, each on its
-    own FAISS worker thread (``IndexShards``): scanning a million codes is bound by one core's memory
-    bandwidth, so two cores halve it (1M keys: 1.72 -> 0.89 ms per query on this 2-core machine).
+    own FAISS worker thread (``IndexShards``). Scanning a million codes is bound by memory bandwidth:
+    with the cache flushed a lone scan gains little from two cores, but the whole routing path at 1M
+    keys went from 2.00 to 1.60 ms per query with two shards on this 2-core machine.
     Labels are sequential in add order, as in a plain FAISS index; each add goes to the smallest shard.
     """
 
@@ -132,9 +133,6 @@ class _Rows:
     @property
     def view(self) -> np.ndarray:
         return self._buf[: self._n]
-
-    def __len__(self) -> int:
-        return self._n
 
     def append(self, rows: np.ndarray) -> None:
         need = self._n + len(rows)
@@ -200,7 +198,6 @@ class KeyIndex:
         self._label_entry = _Rows(None, np.int64)  # FAISS label -> entry id, -1 once removed
         self._label_sig = _Rows(_SIGNATURE_PROBES, np.float32)
         self._reduced: _Rows | None = None  # label -> projected key, when the scan's codes are re-ranked
-        self._reduced_sq: _Rows | None = None  # label -> its squared norm
         self._entry_label: dict[int, int] = {}  # live entry id -> FAISS label
         self._dead: list[int] = []  # tombstoned labels
 
@@ -232,7 +229,7 @@ class KeyIndex:
         sample = self._fit(keys)
         self._index = self._new_index(self._project(sample), len(keys))
         if isinstance(self._index, _ShardedScan) and self.scan_k > self.top_k:
-            self._reduced, self._reduced_sq = _Rows(self._index.d, np.float32), _Rows(None, np.float32)
+            self._reduced = _Rows(self._index.d, np.float32)
         self._append(entry_ids, keys)
 
     def add(self, entry_ids: np.ndarray, keys: np.ndarray) -> None:
@@ -273,10 +270,9 @@ class KeyIndex:
         found = labels >= 0
         entries = np.where(found, self._label_entry.view[np.where(found, labels, 0)], -1)
         if self._reduced is not None and labels.shape[1]:  # quantised order: re-rank by exact distance
-            assert self._reduced_sq is not None
-            at = np.where(found, labels, 0)
+            vecs = self._reduced.view[np.where(found, labels, 0)]  # [B, k, r]
             # |v - x|^2 less the query's own |x|^2, which orders nothing
-            dist = self._reduced_sq.view[at] - 2 * np.matmul(self._reduced.view[at], x[:, :, None])[:, :, 0]
+            dist = np.einsum("bkr,bkr->bk", vecs, vecs) - 2 * np.matmul(vecs, x[:, :, None])[:, :, 0]
             dist[entries < 0] = np.inf  # padding and tombstones last
             keep = min(self.top_k, dist.shape[1])
             best = np.argpartition(dist, keep - 1, axis=1)[:, :keep]
@@ -383,9 +379,8 @@ class KeyIndex:
         for i in range(0, len(entry_ids), _ADD_CHUNK):
             x = self._project(keys[i : i + _ADD_CHUNK])
             self._index.add(x)
-            if self._reduced is not None and self._reduced_sq is not None:
+            if self._reduced is not None:
                 self._reduced.append(x)
-                self._reduced_sq.append(np.einsum("ij,ij->i", x, x))
         self._label_entry.append(entry_ids)
         self._label_sig.append(keys @ self._probes)
         self._entry_label.update(zip(entry_ids.tolist(), range(start, start + len(entry_ids))))
@@ -412,7 +407,7 @@ class KeyIndex:
             for i in range(0, len(live), _ADD_CHUNK):
                 fresh.add(np.ascontiguousarray(vectors[i : i + _ADD_CHUNK]))
         self._index = fresh
-        for rows in (self._label_entry, self._label_sig, self._reduced, self._reduced_sq):
+        for rows in (self._label_entry, self._label_sig, self._reduced):
             if rows is not None:
                 rows.keep(live)
         self._entry_label = dict(zip(self._label_entry.view.tolist(), range(len(live))))
