@@ -222,6 +222,7 @@ class Engine:
             editor.codebook.key_dim,
             top_k=s.index_top_k,
             scan_k=s.index_scan_k,
+            code_dims=s.index_code_dims,
             min_keys=s.index_min_keys,
             use_gpu=use_gpu,
             scan_threads=s.index_threads,

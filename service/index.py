@@ -5,21 +5,24 @@ index returns, per query, the ``top_k`` entries nearest to it, and the editor th
 thresholds over those keys only (``HopfieldRetriever.route(..., candidates)``), so the index only
 has to contain the key exact routing would pick, not decide anything itself.
 
-On the CPU the keys are reduced by PCA (256 of 1536 dimensions; on unit vectors L2 order is cosine
-order) and scanned exhaustively: exactly (``IndexFlatL2``) below ``pq_min_keys``, and above it as
-4-bit product-quantised codes with FAISS's SIMD fast scan (``IndexPQFastScan``, four dimensions per
-code: 32 bytes per key), split into shards that one query scans on parallel threads
-(``_ShardedScan``). A scan has no graph to get lost in (an HNSW graph over 1M keys missed 0.1-0.3% of
-synthetic paraphrases at 1-2 ms) and builds in seconds.
-The scan fetches ``scan_k`` (768) codes, which are re-ranked by their exact distance in the PCA
-space (the projected keys are kept beside the codes, 1 KB per key at 256 dimensions) down to
-``top_k`` (256); the retriever then attends each query's 32 nearest of those by exact cosine over
-the full keys (``HorenConfig.hopfield_support``).
-Real keys need all of this: the model's queries spread their energy flatly (PCA keeps 55% of it in
-96 dimensions, 74% in 256) and sit in dense neighbourhoods, so settings tuned on synthetic keys
-(PCA 96, 128 candidates: 0.9996 agreement with exact routing) agreed on 85% of real queries with
-20,640 real keys among 1M synthetic ones; on an all-real codebook of those 20,640 keys, the scan
-alone (256 candidates) agreed on 0.9954 and with the re-rank of 768 on 0.9994 (bench/index_bench.py).
+On the CPU the keys are reduced by PCA (256 of 1536 dimensions, the basis randomly rotated; on unit
+vectors L2 order is cosine order) and scanned exhaustively: exactly (``IndexFlatL2``) below
+``pq_min_keys``, and above it as 4-bit product-quantised codes with FAISS's SIMD fast scan
+(``IndexPQFastScan``, four dimensions per code: 32 bytes per key), split into shards that one query
+scans on parallel threads (``_ShardedScan``). The scan fetches ``scan_k`` (2048) codes; each shard
+re-ranks its share by exact distance in the PCA space (``IndexRefineFlat``: the projected keys are
+kept beside the codes, 1 KB per key) and the best ``top_k`` (256) go to routing, whose refinement
+attends each query's 32 nearest of those by exact cosine over the full keys
+(``HorenConfig.hopfield_support``).
+Why so (bench/index_bench.py; 1M keys shaped like the model's, 20,640 of them real): the model's
+queries spread their energy flatly (PCA keeps 74% of it in 256 dimensions) and sit in dense
+neighbourhoods. With exact search in the PCA space, 256 candidates agree with exact routing on 0.9988
+of real queries and 1024 on all; the 4-bit codes are what lose the rest: 0.9848 with 768 codes in PCA
+order, 0.9915 once the basis is rotated (PCA order puts most of the variance in the first codes),
+0.9957 fetching 2048, and 0.9991 with two dimensions per code (64 bytes) and 1024 candidates to
+routing, at ~1.6x the time per query (``code_dims=2, top_k=1024``). Graphs and
+partitions do worse on such keys: HNSW (M 32, 8 minutes to build 1M) found the routed key of 96.7% of
+CounterFact rephrases at efSearch 256 in 1.8 ms; IVF (1024 lists, 128 probes) 95-96%.
 Removal leaves a tombstone that searches over-fetch past; past ``rebuild_fraction`` of the live
 entries (at most ``_MAX_DEAD``) the codes are compacted. With ``use_gpu`` on a CUDA host it is an
 exact flat inner-product index on the GPU instead.
@@ -87,13 +90,23 @@ class _ShardedScan:
     own FAISS worker thread (``IndexShards``). Scanning a million codes is bound by memory bandwidth:
     with the cache flushed a lone scan gains little from two cores, but the whole routing path at 1M
     keys went from 2.00 to 1.60 ms per query with two shards on this 2-core machine.
+    With ``refine`` each shard keeps the (reduced) vectors beside its codes (``IndexRefineFlat``, 4
+    bytes per dimension) and re-ranks its share of the codes a search fetches by exact distance, in
+    C++ on its own thread; the shards' best merge into one exact order.
     Labels are sequential in add order, as in a plain FAISS index; each add goes to the smallest shard.
     """
 
-    def __init__(self, trained: faiss.IndexPQFastScan, shards: int) -> None:
+    def __init__(self, trained: faiss.IndexPQFastScan, shards: int, refine: bool) -> None:
         self.d, self.M = trained.d, trained.M
-        self._trained = trained  # empty; cloned for every shard
-        self._parts = [faiss.IndexIDMap(faiss.clone_index(trained)) for _ in range(shards)]
+        self._trained, self.refine = trained, refine  # empty; cloned for every shard
+        self._refiners: list[faiss.IndexRefineFlat] = []
+        self._parts = []
+        for _ in range(shards):
+            inner = faiss.clone_index(trained)
+            if refine:
+                inner = faiss.IndexRefineFlat(inner)
+                self._refiners.append(inner)
+            self._parts.append(faiss.IndexIDMap(inner))
         self._shards = faiss.IndexShards(self.d, True, False)  # threaded; labels come from the IDMaps
         for part in self._parts:
             self._shards.add_shard(part)
@@ -104,13 +117,17 @@ class _ShardedScan:
         part.add_with_ids(x, np.arange(self.ntotal, self.ntotal + len(x), dtype=np.int64))
         self.ntotal += len(x)
 
-    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, x: np.ndarray, k: int, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest; with ``refine``, of about ``fetch`` codes in all re-ranked exactly."""
+        factor = max(1.0, fetch / len(self._parts) / k)
+        for refiner in self._refiners:
+            refiner.k_factor = factor
         return self._shards.search(x, k)
 
     def compacted(self, live: np.ndarray) -> _ShardedScan:
         """A copy holding only the ``live`` labels (sorted), renumbered 0..len(live)-1 in their order.
-        Decoded codes re-encode to themselves, so nothing is quantised twice."""
-        fresh = _ShardedScan(self._trained, len(self._parts))
+        What a shard reconstructs (the kept vectors, else the decoded codes) encodes to the same codes."""
+        fresh = _ShardedScan(self._trained, len(self._parts), self.refine)
         for old, new in zip(self._parts, fresh._parts):
             ids = faiss.vector_to_array(old.id_map)
             keep = np.isin(ids, live, assume_unique=True)
@@ -161,7 +178,7 @@ class KeyIndex:
         reduced_dim: int = 256,
         pq_min_keys: int = 16384,
         code_dims: int = 4,
-        scan_k: int = 768,
+        scan_k: int = 2048,
         scan_threads: int = 0,
         rebuild_fraction: float = 0.2,
         pca_sample: int = 20000,
@@ -197,7 +214,6 @@ class KeyIndex:
         self._fit_count = 0  # keys the projection was fitted on
         self._label_entry = _Rows(None, np.int64)  # FAISS label -> entry id, -1 once removed
         self._label_sig = _Rows(_SIGNATURE_PROBES, np.float32)
-        self._reduced: _Rows | None = None  # label -> projected key, when the scan's codes are re-ranked
         self._entry_label: dict[int, int] = {}  # live entry id -> FAISS label
         self._dead: list[int] = []  # tombstoned labels
 
@@ -215,7 +231,8 @@ class KeyIndex:
             return "gpu-flat-ip"
         r = self.reduced_dim if self._proj is not None else self.dim
         if isinstance(self._index, _ShardedScan):
-            return f"pca{r}-pq{self._index.M}x4fs"
+            refine = f"-refine{self.scan_k}" if self._index.refine else ""
+            return f"pca{r}-pq{self._index.M}x4fs{refine}"
         return f"pca{r}-flat"
 
     def tombstones(self) -> int:
@@ -228,8 +245,6 @@ class KeyIndex:
         self._clear()
         sample = self._fit(keys)
         self._index = self._new_index(self._project(sample), len(keys))
-        if isinstance(self._index, _ShardedScan) and self.scan_k > self.top_k:
-            self._reduced = _Rows(self._index.d, np.float32)
         self._append(entry_ids, keys)
 
     def add(self, entry_ids: np.ndarray, keys: np.ndarray) -> None:
@@ -260,25 +275,18 @@ class KeyIndex:
         if self._index is None or not self._entry_label:
             return out
         x = self._project(q)
-        fetch = self.scan_k if self._reduced is not None else self.top_k
-        k = min(self._index.ntotal, fetch + len(self._dead))  # over-fetch past the tombstones
+        k = min(self._index.ntotal, self.top_k + len(self._dead))  # over-fetch past the tombstones
         if self.on_gpu:
             _, labels = self._index.search(x, min(k, _GPU_MAX_K))
         else:
             with _omp_threads(1 if len(x) < _PARALLEL_QUERIES else 0):
-                _, labels = self._index.search(x, k)
+                if isinstance(self._index, _ShardedScan):
+                    _, labels = self._index.search(x, k, self.scan_k + len(self._dead))
+                else:
+                    _, labels = self._index.search(x, k)
         found = labels >= 0
         entries = np.where(found, self._label_entry.view[np.where(found, labels, 0)], -1)
-        if self._reduced is not None and labels.shape[1]:  # quantised order: re-rank by exact distance
-            vecs = self._reduced.view[np.where(found, labels, 0)]  # [B, k, r]
-            # |v - x|^2 less the query's own |x|^2, which orders nothing
-            dist = np.einsum("bkr,bkr->bk", vecs, vecs) - 2 * np.matmul(vecs, x[:, :, None])[:, :, 0]
-            dist[entries < 0] = np.inf  # padding and tombstones last
-            keep = min(self.top_k, dist.shape[1])
-            best = np.argpartition(dist, keep - 1, axis=1)[:, :keep]
-            best = np.take_along_axis(best, np.argsort(np.take_along_axis(dist, best, axis=1), axis=1), axis=1)
-            entries = np.take_along_axis(entries, best, axis=1)
-        elif self._dead:  # keep the survivors' order, padding at the end
+        if self._dead:  # keep the survivors' order, padding at the end
             order = np.argsort(entries < 0, axis=1, kind="stable")
             entries = np.take_along_axis(entries, order, axis=1)
         out[:, : min(self.top_k, entries.shape[1])] = entries[:, : self.top_k]
@@ -351,8 +359,12 @@ class KeyIndex:
         mean = x.double().mean(dim=0).float()
         x = x - mean
         _, vecs = torch.linalg.eigh((x.T @ x).double())  # ascending eigenvalues
+        # a random rotation of the top components spreads their variance evenly over the PQ codes
+        # (in PCA order the first codes would carry most of it); distances are unchanged
+        gen = torch.Generator().manual_seed(self._seed)
+        rotation, _ = torch.linalg.qr(torch.randn(self.reduced_dim, self.reduced_dim, generator=gen, dtype=torch.float64))
         self._mean = mean.float().numpy()
-        self._proj = np.ascontiguousarray(vecs[:, -self.reduced_dim :].flip(1).float().numpy())
+        self._proj = np.ascontiguousarray((vecs[:, -self.reduced_dim :] @ rotation).float().numpy())
         return sample
 
     def _project(self, x: np.ndarray) -> np.ndarray:
@@ -371,7 +383,7 @@ class KeyIndex:
         # than 128 two to a code (bench: 0.9913 vs 0.9838 agreement at 100K keys)
         index = faiss.IndexPQFastScan(d, d // self.code_dims if d % self.code_dims == 0 else d, 4)
         index.train(np.ascontiguousarray(sample))
-        return _ShardedScan(index, self.scan_threads)
+        return _ShardedScan(index, self.scan_threads, refine=self.scan_k > self.top_k)
 
     def _append(self, entry_ids: np.ndarray, keys: np.ndarray) -> None:
         assert self._index is not None
@@ -379,8 +391,6 @@ class KeyIndex:
         for i in range(0, len(entry_ids), _ADD_CHUNK):
             x = self._project(keys[i : i + _ADD_CHUNK])
             self._index.add(x)
-            if self._reduced is not None:
-                self._reduced.append(x)
         self._label_entry.append(entry_ids)
         self._label_sig.append(keys @ self._probes)
         self._entry_label.update(zip(entry_ids.tolist(), range(start, start + len(entry_ids))))
@@ -407,9 +417,8 @@ class KeyIndex:
             for i in range(0, len(live), _ADD_CHUNK):
                 fresh.add(np.ascontiguousarray(vectors[i : i + _ADD_CHUNK]))
         self._index = fresh
-        for rows in (self._label_entry, self._label_sig, self._reduced):
-            if rows is not None:
-                rows.keep(live)
+        for rows in (self._label_entry, self._label_sig):
+            rows.keep(live)
         self._entry_label = dict(zip(self._label_entry.view.tolist(), range(len(live))))
         self._dead = []
 

@@ -47,7 +47,11 @@ class Settings(BaseSettings):
     index_top_k: int = Field(default=256, ge=1)
     # quantised codes one scan fetches, re-ranked by exact distance in the PCA space to index_top_k
     # (at most index_top_k: no re-rank)
-    index_scan_k: int = Field(default=768, ge=1)
+    index_scan_k: int = Field(default=2048, ge=1)
+    # PCA dimensions per 4-bit PQ code: 4 = 32 bytes scanned per key; 2 = 64 bytes, closer to exact
+    # routing on dense real keys (1M keys, with index_top_k 1024: 0.9991 vs 0.9957 agreement) at ~1.6x
+    # the time per query
+    index_code_dims: int = Field(default=4, ge=1)
     # shards one prefilter scan is split into, each on its own thread (0: the usable cores, at most 4)
     index_threads: int = Field(default=0, ge=0)
     # HoReN method settings (layer, threshold, ...), as JSON, e.g. HOREN_HOREN='{"threshold": 0.85}'

@@ -55,7 +55,7 @@ def codebook_with(keys: np.ndarray) -> Codebook:
     return cb
 
 
-@pytest.mark.parametrize("code_dims, kind", [(2, "pca32-pq16x4fs"), (4, "pca64-pq16x4fs")])
+@pytest.mark.parametrize("code_dims, kind", [(2, "pca32-pq16x4fs-refine2048"), (4, "pca64-pq16x4fs-refine2048")])
 def test_candidates_contain_exact_top1(code_dims, kind):
     keys = clustered_keys(3000)
     ids = np.arange(100, 3100, dtype=np.int64)
@@ -254,7 +254,7 @@ def test_exact_scan_below_pq_min_keys_then_quantised_once_grown():
     for i in range(300, 1500):
         cb.add(i + 1, torch.from_numpy(keys[i]), torch.zeros(2), [i])
         index.sync(cb)
-    assert index.kind == "pca32-pq16x4fs" and len(index) == 1500
+    assert index.kind == "pca32-pq16x4fs-refine2048" and len(index) == 1500
     q = paraphrases(keys[::7])
     assert (index.search(q) == exact_top1(q, keys, np.arange(1, 1501))[:, None]).any(axis=1).all()
 
