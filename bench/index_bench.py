@@ -19,6 +19,10 @@ and CounterFact ``rephrase_prompt`` (should route to their own key) and the ``lo
 ``locality_prompt`` prompts (should not) (see ``RealSet``). Read agreement on the real kinds:
 a synthetic paraphrase has a median of 1 key within 0.1 cosine of its best, a CounterFact rephrase
 80 of the 20,640 real keys (ZsRE rephrase 2), and those agree far less under the same index.
+By default (``--fill real-shaped``) the other keys of a ``--real`` run are drawn like the real keys
+(``RealShapedKeys``: a Gaussian with their mean and covariance, normalised), as a codebook of a
+million real edits would be: the index's PCA then sees the real keys' directions, and real queries
+meet realistically dense neighbourhoods (the hard case). ``--fill spectrum`` uses ``SyntheticKeys``.
 The first ``--real`` run computes the real keys and queries (~24K prompts, about 4 minutes) into
 ``.horen/``; later runs load them.
 
@@ -26,6 +30,7 @@ Timings are on whatever else the machine runs; compare the two columns of one ru
 
     .venv/bin/python bench/index_bench.py --sizes 2000,5000 --dim 256 --queries 300
     .venv/bin/python bench/index_bench.py --sizes 10000,100000,1000000 --real
+    .venv/bin/python bench/index_bench.py --sizes 1000000 --real --fill spectrum
 """
 
 from __future__ import annotations
@@ -99,6 +104,42 @@ class SyntheticKeys:
 
     def unrelated(self, m: int, rng: np.random.Generator) -> np.ndarray:
         return self._keys(rng, m, self._residuals(rng, max(1, m // 8)))
+
+
+class RealShapedKeys:
+    """Unit keys drawn from a Gaussian with the mean and covariance of the model's real keys, then
+    normalised: fillers that share the real keys' principal directions and density, as a codebook of
+    a million real edits would (``SyntheticKeys`` put their variance on random axes, so a PCA fitted on
+    them misses the real keys' directions). Same interface as ``SyntheticKeys``."""
+
+    def __init__(self, real_keys: torch.Tensor, seed: int = 0) -> None:
+        x = real_keys.double()
+        self.mu = x.mean(dim=0)
+        x = x - self.mu
+        vals, vecs = torch.linalg.eigh(x.T @ x / len(x))
+        self.root = (vecs * vals.clamp(min=0).sqrt()).float()  # cov = root @ root.T
+        self.mu = self.mu.float()
+        self.seed = seed
+
+    def _draw(self, gen: torch.Generator, m: int) -> torch.Tensor:
+        z = torch.randn(m, self.root.shape[0], generator=gen) @ self.root.T
+        return torch.nn.functional.normalize(z + self.mu, dim=1)
+
+    def fill(self, out: torch.Tensor) -> None:
+        for i in range(0, out.shape[0], _CHUNK):
+            m = min(_CHUNK, out.shape[0] - i)
+            out[i : i + m] = self._draw(torch.Generator().manual_seed(self.seed * 1_000_003 + i), m)
+
+    def paraphrases(self, keys: np.ndarray, rng: np.random.Generator, lo: float = 0.85, hi: float = 0.95) -> np.ndarray:
+        gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        noise = (torch.randn(len(keys), self.root.shape[0], generator=gen) @ self.root.T).numpy()
+        noise -= (noise * keys).sum(axis=1, keepdims=True) * keys
+        noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+        cos = rng.uniform(lo, hi, (len(keys), 1)).astype(np.float32)
+        return (cos * keys + np.sqrt(1 - cos * cos) * noise).astype(np.float32)
+
+    def unrelated(self, m: int, rng: np.random.Generator) -> np.ndarray:
+        return self._draw(torch.Generator().manual_seed(int(rng.integers(2**31))), m).numpy()
 
 
 class RealSet:
@@ -216,7 +257,8 @@ def run_size(n: int, args: argparse.Namespace, real: RealSet | None) -> dict:
     d = args.dim
     default_threads = torch.get_num_threads()
     rng = np.random.default_rng(args.seed + 1)
-    syn = SyntheticKeys(n, d, seed=args.seed)
+    shaped = real is not None and args.fill == "real-shaped"
+    syn = RealShapedKeys(real.keys, seed=args.seed) if shaped else SyntheticKeys(n, d, seed=args.seed)
     n_real = 0 if real is None else min(len(real.keys), int(n * args.real_fraction))
     if real is not None and n_real < real.min_keys:
         raise SystemExit(f"{n} keys leave room for {n_real} real keys; the real queries need {real.min_keys}")
@@ -234,7 +276,8 @@ def run_size(n: int, args: argparse.Namespace, real: RealSet | None) -> dict:
         own_rows = {kind: own + (n - n_real) for kind, own in real.own.items()}
     cb = build_codebook(keys)
     del keys
-    print(f"\n== {n} keys, dim {d}: generated in {time.perf_counter() - t:.1f}s", flush=True)
+    fill = "real-shaped" if shaped else "spectrum"
+    print(f"\n== {n} keys, dim {d}, {fill} fillers: generated in {time.perf_counter() - t:.1f}s", flush=True)
 
     index = KeyIndex(
         d,
@@ -245,6 +288,7 @@ def run_size(n: int, args: argparse.Namespace, real: RealSet | None) -> dict:
         code_dims=args.code_dims,
         scan_k=args.scan_k,
         scan_threads=args.scan_threads,
+        rotate=not args.no_rotate,
     )
     t = time.perf_counter()
     index.sync(cb)
@@ -346,6 +390,7 @@ def run_size(n: int, args: argparse.Namespace, real: RealSet | None) -> dict:
     print(f"sync after one edit: {sync_changes * 1e3:.1f} ms with the change list, {sync_blind * 1e3:.1f} ms without")
     return {
         "keys": n,
+        "fill": fill,
         "index": index.kind,
         "build_s": round(build_s, 2),
         "prefiltered_ms": {k: round(v, 3) for k, v in pre.items()},
@@ -379,9 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--reduced-dim", type=int, default=256, help="PCA dimensions the index scans in")
     ap.add_argument(
-        "--scan-k", type=int, default=768, help="codes the scan fetches, re-ranked in the PCA space to --top-k"
+        "--scan-k", type=int, default=2048, help="codes the scan fetches, re-ranked in the PCA space to --top-k"
     )
     ap.add_argument("--code-dims", type=int, default=4, help="PCA dimensions per 4-bit PQ code")
+    ap.add_argument("--no-rotate", action="store_true", help="keep the PCA basis unrotated (KeyIndex rotate=False)")
     ap.add_argument("--pq-min-keys", type=int, default=16384, help="exact flat scan below, 4-bit PQ fast scan from")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for prefiltered routing")
     ap.add_argument(
@@ -392,6 +438,12 @@ def main(argv: list[str] | None = None) -> int:
         "--real-fraction", type=float, default=0.5, help="most of the codebook that real keys may fill (1: all real)"
     )
     ap.add_argument("--real-extra", type=int, default=10000, help="ZsRE training questions added as keys only")
+    ap.add_argument(
+        "--fill",
+        choices=["real-shaped", "spectrum"],
+        default="real-shaped",
+        help="with --real, the other keys: drawn like the real keys (mean, covariance) or SyntheticKeys",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     real = None

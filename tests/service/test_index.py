@@ -94,6 +94,20 @@ def test_scanned_codes_are_reranked_by_exact_distance_in_the_reduced_space():
     assert (again[:, 0] == found[:5, 1]).all()
 
 
+def test_rotated_pca_basis_keeps_distances_and_order():
+    keys = clustered_keys(600)
+    ids = np.arange(600, dtype=np.int64)
+    rotated, plain = small_index(pq_min_keys=10**6), small_index(pq_min_keys=10**6, rotate=False)
+    rotated.rebuild(ids, keys)
+    plain.rebuild(ids, keys)
+    xr, xp = rotated._project(keys[:40]), plain._project(keys[:40])
+    assert not np.allclose(xr, xp, atol=1e-3)  # a different basis of the same subspace
+    gram = lambda x: x @ x.T  # noqa: E731
+    np.testing.assert_allclose(gram(xr), gram(xp), atol=1e-4)
+    q = paraphrases(keys[::6])
+    assert (rotated.search(q)[:, 0] == plain.search(q)[:, 0]).all()
+
+
 def test_small_index_searches_full_keys_and_pads():
     keys = clustered_keys(10)
     index = small_index()
