@@ -22,7 +22,8 @@ order, 0.9915 once the basis is rotated (PCA order puts most of the variance in 
 0.9957 fetching 2048, and 0.9991 with two dimensions per code (64 bytes) and 1024 candidates to
 routing, at ~1.6x the time per query (``code_dims=2, top_k=1024``). Graphs and
 partitions do worse on such keys: HNSW (M 32, 8 minutes to build 1M) found the routed key of 96.7% of
-CounterFact rephrases at efSearch 256 in 1.8 ms; IVF (1024 lists, 128 probes) 95-96%.
+CounterFact rephrases at efSearch 256 in 1.8 ms; IVF (1024 lists, 128 probes) 95-96%; residual codes
+per IVF list, every list scanned, no better than these codes and 1.8-3x slower.
 Removal leaves a tombstone that searches over-fetch past; past ``rebuild_fraction`` of the live
 entries (at most ``_MAX_DEAD``) the codes are compacted. With ``use_gpu`` on a CUDA host it is an
 exact flat inner-product index on the GPU instead.
