@@ -58,6 +58,15 @@ ZSRE = DATA / "zsre" / "zsre_edit_dev.json"
 _CHUNK = 65536
 
 
+def at_cosine(keys: np.ndarray, noise: np.ndarray, rng: np.random.Generator, lo: float, hi: float) -> np.ndarray:
+    """Unit queries at a cosine drawn from U(lo, hi) from their ``keys``, displaced along ``noise``
+    (made orthogonal to each key)."""
+    noise = noise - (noise * keys).sum(axis=1, keepdims=True) * keys
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    cos = rng.uniform(lo, hi, (len(keys), 1)).astype(np.float32)
+    return (cos * keys + np.sqrt(1 - cos * cos) * noise).astype(np.float32)
+
+
 class SyntheticKeys:
     """Unit keys shaped like the edited layer's real queries (see the module docstring)."""
 
@@ -96,11 +105,7 @@ class SyntheticKeys:
             out[i : i + m] = torch.from_numpy(self._keys(np.random.default_rng((self.seed, i)), m, self.centers))
 
     def paraphrases(self, keys: np.ndarray, rng: np.random.Generator, lo: float = 0.85, hi: float = 0.95) -> np.ndarray:
-        noise = rng.standard_normal(keys.shape, dtype=np.float32) * self.scale
-        noise -= (noise * keys).sum(axis=1, keepdims=True) * keys
-        noise /= np.linalg.norm(noise, axis=1, keepdims=True)
-        cos = rng.uniform(lo, hi, (len(keys), 1)).astype(np.float32)
-        return cos * keys + np.sqrt(1 - cos * cos) * noise
+        return at_cosine(keys, rng.standard_normal(keys.shape, dtype=np.float32) * self.scale, rng, lo, hi)
 
     def unrelated(self, m: int, rng: np.random.Generator) -> np.ndarray:
         return self._keys(rng, m, self._residuals(rng, max(1, m // 8)))
@@ -114,11 +119,11 @@ class RealShapedKeys:
 
     def __init__(self, real_keys: torch.Tensor, seed: int = 0) -> None:
         x = real_keys.double()
-        self.mu = x.mean(dim=0)
-        x = x - self.mu
+        mu = x.mean(dim=0)
+        x = x - mu
         vals, vecs = torch.linalg.eigh(x.T @ x / len(x))
         self.root = (vecs * vals.clamp(min=0).sqrt()).float()  # cov = root @ root.T
-        self.mu = self.mu.float()
+        self.mu = mu.float()
         self.seed = seed
 
     def _draw(self, gen: torch.Generator, m: int) -> torch.Tensor:
@@ -133,10 +138,7 @@ class RealShapedKeys:
     def paraphrases(self, keys: np.ndarray, rng: np.random.Generator, lo: float = 0.85, hi: float = 0.95) -> np.ndarray:
         gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
         noise = (torch.randn(len(keys), self.root.shape[0], generator=gen) @ self.root.T).numpy()
-        noise -= (noise * keys).sum(axis=1, keepdims=True) * keys
-        noise /= np.linalg.norm(noise, axis=1, keepdims=True)
-        cos = rng.uniform(lo, hi, (len(keys), 1)).astype(np.float32)
-        return (cos * keys + np.sqrt(1 - cos * cos) * noise).astype(np.float32)
+        return at_cosine(keys, noise, rng, lo, hi)
 
     def unrelated(self, m: int, rng: np.random.Generator) -> np.ndarray:
         return self._draw(torch.Generator().manual_seed(int(rng.integers(2**31))), m).numpy()

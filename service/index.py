@@ -99,7 +99,7 @@ class _ShardedScan:
 
     def __init__(self, trained: faiss.IndexPQFastScan, shards: int, refine: bool) -> None:
         self.d, self.M = trained.d, trained.M
-        self._trained, self.refine = trained, refine  # empty; cloned for every shard
+        self._trained = trained  # empty; cloned for every shard
         self._refiners: list[faiss.IndexRefineFlat] = []
         self._parts = []
         for _ in range(shards):
@@ -112,6 +112,10 @@ class _ShardedScan:
         for part in self._parts:
             self._shards.add_shard(part)
         self.ntotal = 0
+
+    @property
+    def refine(self) -> bool:
+        return bool(self._refiners)
 
     def add(self, x: np.ndarray) -> None:
         part = min(self._parts, key=lambda p: p.ntotal)
@@ -397,8 +401,7 @@ class KeyIndex:
         assert self._index is not None
         start = self._index.ntotal
         for i in range(0, len(entry_ids), _ADD_CHUNK):
-            x = self._project(keys[i : i + _ADD_CHUNK])
-            self._index.add(x)
+            self._index.add(self._project(keys[i : i + _ADD_CHUNK]))
         self._label_entry.append(entry_ids)
         self._label_sig.append(keys @ self._probes)
         self._entry_label.update(zip(entry_ids.tolist(), range(start, start + len(entry_ids))))
