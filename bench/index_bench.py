@@ -222,10 +222,10 @@ def _editor():
     return HorenEditor(model, tokenizer, HorenConfig())
 
 
-def build_codebook(keys: torch.Tensor) -> Codebook:
-    """A codebook of these keys (1-dim values) in one step; takes over the memory of ``keys``."""
+def build_codebook(keys: torch.Tensor, device: torch.device | str = "cpu") -> Codebook:
+    """A codebook of these keys (1-dim values) on ``device``, in one step."""
     n, d = keys.shape
-    cb = Codebook(d, 1)
+    cb = Codebook(d, 1, device)
     ids = torch.arange(1, n + 1, dtype=torch.int64)
     cb.load_state_dict(
         {

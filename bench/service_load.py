@@ -142,12 +142,15 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=12, help="requests per client in each concurrent phase")
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--device", default="cpu", help="HOREN_DEVICE of the servers (cpu, cuda)")
+    ap.add_argument("--model", default=None, help="HOREN_MODEL of the servers (default: the bundled SmolLM2)")
     args = ap.parse_args()
+    where = {"device": args.device, "model": args.model}
     tmp = Path(tempfile.mkdtemp(prefix="horen-load-"))
     db_url = f"sqlite:///{tmp / 'horen.db'}"
-    summary: dict = {}
+    summary: dict = {"device": args.device, "model": args.model or "bundled SmolLM2-135M-Instruct"}
 
-    batched = Server(db_url, tmp / "data", tmp / "server.log")
+    batched = Server(db_url, tmp / "data", tmp / "server.log", **where)
     batched.start()
     try:
         base_latency = sequential_latency(batched.url, 12, args.max_new_tokens)
@@ -176,7 +179,7 @@ def main() -> int:
     finally:
         batched.stop()
 
-    single = Server(db_url, tmp / "data", tmp / "server-b1.log")
+    single = Server(db_url, tmp / "data", tmp / "server-b1.log", **where)
     import os
 
     os.environ["HOREN_MAX_BATCH"] = "1"
@@ -191,7 +194,7 @@ def main() -> int:
     )
 
     insert_synthetic_entries(db_url, args.entries)
-    big = Server(db_url, tmp / "data", tmp / "server-big.log")
+    big = Server(db_url, tmp / "data", tmp / "server-big.log", **where)
     t0 = time.perf_counter()
     big.start()
     summary["restart_to_ready_s_with_entries"] = round(time.perf_counter() - t0, 1)

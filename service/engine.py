@@ -436,4 +436,5 @@ class Engine:
             "entries": len(editor.codebook),
             "log_digest": self.log_digest,
             "cuda": torch.cuda.is_available(),
+            "index": self.index.kind if self.index is not None else None,
         }

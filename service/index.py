@@ -25,8 +25,10 @@ partitions do worse on such keys: HNSW (M 32, 8 minutes to build 1M) found the r
 CounterFact rephrases at efSearch 256 in 1.8 ms; IVF (1024 lists, 128 probes) 95-96%; residual codes
 per IVF list, every list scanned, no better than these codes and 1.8-3x slower.
 Removal leaves a tombstone that searches over-fetch past; past ``rebuild_fraction`` of the live
-entries (at most ``_MAX_DEAD``) the codes are compacted. With ``use_gpu`` on a CUDA host it is an
-exact flat inner-product index on the GPU instead.
+entries (at most ``_MAX_DEAD``) the codes are compacted. With ``use_gpu`` (a codebook on a CUDA
+device) it is an exact flat inner-product index on the GPU when FAISS has GPU support (the ``gpu``
+extra); without it the index stays empty and routing is exact on the GPU: one pass over the keys
+there is faster than a CPU scan plus the transfers (bench/gpu_routing.py).
 
 FAISS stores sequential labels; ``_label_entry`` maps each to the stable entry id (never a row,
 since codebook rows move), so a removed vector and the re-added key of the same entry differ.
@@ -206,6 +208,7 @@ class KeyIndex:
         self.pca_sample = pca_sample  # keys the PCA is fitted on; refits stop once this many were seen
         self.rotate = rotate  # randomly rotate the PCA basis (see _fit)
         self.on_gpu = bool(use_gpu) and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+        self.exact_on_device = bool(use_gpu) and not self.on_gpu  # never built: the provider answers None
         rng = np.random.default_rng(seed)
         self._seed = seed
         self._probes = rng.standard_normal((dim, _SIGNATURE_PROBES)).astype(np.float32)
@@ -234,6 +237,8 @@ class KeyIndex:
 
     @property
     def kind(self) -> str:
+        if self.exact_on_device:
+            return "none-exact-on-device"
         if self.on_gpu:
             return "gpu-flat-ip"
         r = self.reduced_dim if self._proj is not None else self.dim
@@ -307,7 +312,7 @@ class KeyIndex:
         gen = codebook.generation
         n = len(codebook)
         if self._index is None:
-            if n >= self.min_keys:
+            if n >= self.min_keys and not self.exact_on_device:
                 self._rebuild_from(codebook)
             self._generation = gen
             return
@@ -328,7 +333,7 @@ class KeyIndex:
         (-1 padded), or None for exact routing (small codebook, or no candidate for some query)."""
 
         def provide(queries: torch.Tensor) -> torch.Tensor | None:
-            if len(codebook) < self.min_keys:
+            if self.exact_on_device or len(codebook) < self.min_keys:
                 return None
             if codebook.generation != self._generation:
                 self.sync(codebook)

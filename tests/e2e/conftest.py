@@ -26,8 +26,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, db_url: str, data_dir: Path, log_path: Path) -> None:
+    def __init__(
+        self, db_url: str, data_dir: Path, log_path: Path, device: str = "cpu", model: str | None = None
+    ) -> None:
         self.db_url, self.data_dir, self.log_path = db_url, data_dir, log_path
+        self.device, self.model = device, model  # model None: the bundled default
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
@@ -43,9 +46,11 @@ class Server:
             "HOREN_DATA_DIR": str(self.data_dir),
             "HOREN_CONVERTED_DIR": str(REPO / ".horen" / "converted"),
             "HOREN_ADMIN_TOKEN": TOKEN,
-            "HOREN_DEVICE": "cpu",
+            "HOREN_DEVICE": self.device,
             "HOREN_SYNC_INTERVAL": "0.5",
         }
+        if self.model:
+            env["HOREN_MODEL"] = self.model
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--log-level", "warning"],

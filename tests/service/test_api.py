@@ -23,7 +23,7 @@ def make_settings(tmp_path, model_dir, **over) -> Settings:
         data_dir=tmp_path,
         database_url=url,
         model=str(model_dir),
-        device="cpu",
+        device=over.pop("device", "cpu"),
         admin_token=over.pop("admin_token", TOKEN),
         horen={"layer": 1, "max_steps": 60, "lr": 0.5, "stop_loss": 1.0},
         **over,
@@ -127,6 +127,28 @@ def test_restart_answers_as_before(settings):
         again = c.post("/generate", json={"prompt": prompt, "max_new_tokens": 6}).json()
         assert again == first and again["edit_id"] == e["id"]
         assert c.get("/readyz").json()["status"] == "ready"
+
+
+@pytest.mark.gpu
+def test_service_on_cuda_edits_restarts_and_rolls_back(tmp_path, tiny_model_dir):
+    """The engine with the model and codebook on the GPU, the key index in use from the first key."""
+    settings = make_settings(tmp_path, tiny_model_dir, device="cuda", index_min_keys=0)
+    prompts = ["Which river flows through Cairo?", "Who wrote the novel?"]
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        detail = c.get("/readyz").json()["detail"]
+        assert detail["device"].startswith("cuda") and detail["codebook_device"].startswith("cuda")
+        assert detail["index"] in ("gpu-flat-ip", "none-exact-on-device")
+        before = c.post("/generate", json={"prompt": prompts[0], "max_new_tokens": 6}).json()
+        e = c.post("/edits", json={"prompt": prompts[0], "target": "Melville"}).json()
+        c.post("/edits", json={"prompt": prompts[1], "target": "Nile"})
+        first = [c.post("/generate", json={"prompt": p, "max_new_tokens": 6}).json() for p in prompts]
+        assert first[0]["edit_id"] == e["id"] and first[0]["text"].strip().startswith("Melville")
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        assert [c.post("/generate", json={"prompt": p, "max_new_tokens": 6}).json() for p in prompts] == first
+        assert c.post(f"/admin/edits/{e['id']}/rollback", headers=auth()).json()["status"] == "rolled_back"
+        assert c.post("/generate", json={"prompt": prompts[0], "max_new_tokens": 6}).json() == before
 
 
 @pytest.mark.parametrize(

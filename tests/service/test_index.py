@@ -201,6 +201,21 @@ def test_provider_returns_none_below_min_keys():
     assert rows[:, 0].tolist() == [0, 1]
 
 
+def test_cuda_codebook_without_faiss_gpu_is_routed_exactly():
+    import faiss
+
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        pytest.skip("FAISS has GPU support here: the GPU flat index is used instead")
+    keys = clustered_keys(600)
+    cb = codebook_with(keys)
+    index = small_index(use_gpu=True)  # what the engine asks for when the codebook is on a CUDA device
+    provide = index.candidate_provider(cb)
+    index.sync(cb)
+    assert index.exact_on_device and index.kind == "none-exact-on-device"
+    assert not index.built and provide(torch.from_numpy(keys[:2])) is None
+    assert small_index().candidate_provider(cb)(torch.from_numpy(keys[:2])) is not None  # unlike on the CPU
+
+
 def test_provider_maps_entry_ids_to_current_rows():
     keys = clustered_keys(1200)
     cb = codebook_with(keys)
