@@ -27,18 +27,18 @@ step() { # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.txt
   echo "== $name: exit $? after $((SECONDS - t0)) s" | tee -a "$OUT/$name.txt"
   tail -n 25 "$OUT/$name.txt"
 }
-step env 60 bash -c "nvidia-smi -L; $PY -c 'import torch, transformers, faiss, fastapi, sqlalchemy; \
+step env 40 bash -c "nvidia-smi -L; $PY -c 'import torch, transformers, faiss, fastapi, sqlalchemy; \
 print(torch.__version__, torch.cuda.get_device_name(0), transformers.__version__, faiss.__version__, \
 \"faiss gpu:\", hasattr(faiss, \"StandardGpuResources\"))'"
-step tests 300 $PY -m pytest -q -p no:cacheprovider -m "not real_model and not postgres" --ignore=tests/deploy \
+step tests 150 $PY -m pytest -q -p no:cacheprovider -m "not real_model and not postgres" --ignore=tests/deploy \
   tests/horen_core tests/service
-step gpu_routing 240 $PY bench/gpu_routing.py --sizes 10000,100000,1000000
-step edit_135m 150 $PY bench/edit_speed.py --random-init llama-135m --device cuda --n 20 --converted-dir "$TOK"
-step edit_8b 240 $PY bench/edit_speed.py --random-init llama3-8b --device cuda --n 10 --converted-dir "$TOK"
+step gpu_routing 150 $PY bench/gpu_routing.py --sizes 10000,100000,1000000
+step edit_8b 120 $PY bench/edit_speed.py --random-init llama3-8b --device cuda --n 10 --converted-dir "$TOK"
+step edit_135m 80 $PY bench/edit_speed.py --random-init llama-135m --device cuda --n 20 --converted-dir "$TOK"
 RAND=/tmp/horen-random-135m
-step save_random 120 $PY -c "
+step save_random 40 $PY -c "
 import sys, torch; from pathlib import Path; sys.path.insert(0, 'bench')
 from edit_speed import random_model
 m, t = random_model('llama-135m', torch.device('cpu'), Path('$TOK'))
 m.save_pretrained('$RAND'); t.save_pretrained('$RAND'); print('saved')"
-step service_load 300 $PY bench/service_load.py --device cuda --model "$RAND"
+step service_load 180 $PY bench/service_load.py --device cuda --model "$RAND"
