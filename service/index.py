@@ -5,25 +5,27 @@ index returns, per query, the ``top_k`` entries nearest to it, and the editor th
 thresholds over those keys only (``HopfieldRetriever.route(..., candidates)``), so the index only
 has to contain the key exact routing would pick, not decide anything itself.
 
-On the CPU the keys are reduced by PCA (256 of 1536 dimensions, the basis randomly rotated; on unit
-vectors L2 order is cosine order) and scanned exhaustively: exactly (``IndexFlatL2``) below
-``pq_min_keys``, and above it as 4-bit product-quantised codes with FAISS's SIMD fast scan
-(``IndexPQFastScan``, four dimensions per code: 32 bytes per key), split into shards that one query
-scans on parallel threads (``_ShardedScan``). The scan fetches ``scan_k`` (2048) codes; each shard
-re-ranks its share by exact distance in the PCA space (``IndexRefineFlat``: the projected keys are
-kept beside the codes, 1 KB per key) and the best ``top_k`` (256) go to routing, whose refinement
-attends each query's 32 nearest of those by exact cosine over the full keys
-(``HorenConfig.hopfield_support``).
+On the CPU the keys are mapped into 256 dimensions: 255 principal components and the norm of what
+they leave out (the residual; a query puts a fraction of its own there, see ``_fit``), the basis
+randomly rotated; L2 order there approximates cosine order over the full keys. They are scanned
+exhaustively: exactly (``IndexFlatL2``) below ``pq_min_keys``, and above it as 4-bit
+product-quantised codes with FAISS's SIMD fast scan (``IndexPQFastScan``, four dimensions per code:
+32 bytes per key), split into shards that one query scans on parallel threads (``_ShardedScan``).
+The scan fetches ``scan_k`` (2048) codes; each shard re-ranks its share by exact distance in that
+space (``IndexRefineFlat``: the mapped keys are kept beside the codes, 1 KB per key) and the best
+``top_k`` (512) go to routing, whose refinement attends each query's 32 nearest of those by exact
+cosine over the full keys (``HorenConfig.hopfield_support``).
 Why so (bench/index_bench.py; 1M keys shaped like the model's, 20,640 of them real): the model's
 queries spread their energy flatly (PCA keeps 74% of it in 256 dimensions) and sit in dense
-neighbourhoods. With exact search in the PCA space, 256 candidates agree with exact routing on 0.9988
-of real queries and 1024 on all; the 4-bit codes are what lose the rest: 0.9848 with 768 codes in PCA
-order, 0.9915 once the basis is rotated (PCA order puts most of the variance in the first codes),
-0.9957 fetching 2048, and 0.9991 with two dimensions per code (64 bytes) and 1024 candidates to
-routing, at ~1.6x the time per query (``code_dims=2, top_k=1024``). Graphs and
-partitions do worse on such keys: HNSW (M 32, 8 minutes to build 1M) found the routed key of 96.7% of
-CounterFact rephrases at efSearch 256 in 1.8 ms; IVF (1024 lists, 128 probes) 95-96%; residual codes
-per IVF list, every list scanned, no better than these codes and 1.8-3x slower.
+neighbourhoods. Plain PCA distances rank the keys the components describe worst too near: exactly
+searched, 256 candidates agreed with exact routing on 0.9985 of real queries, and through the codes
+0.9942 (fetching 2048); with the residual coordinate 0.9991-0.9997 and 0.9991-0.9994 (``_fit``).
+Before it, the codes needed two dimensions per code (64 bytes) and 1024 candidates for 0.9991;
+rotating the basis took 768 codes from 0.9848 to 0.9915 (PCA order puts most of the variance in
+the first codes). Graphs and partitions do worse on such keys: HNSW (M 32, 8 minutes to build 1M)
+found the routed key of 96.7% of CounterFact rephrases at efSearch 256 in 1.8 ms; IVF (1024 lists,
+128 probes) 95-96%; residual codes per IVF list, every list scanned, no better than these codes and
+1.8-3x slower.
 Removal leaves a tombstone that searches over-fetch past; past ``rebuild_fraction`` of the live
 entries (at most ``_MAX_DEAD``) the codes are compacted. With ``use_gpu`` (a codebook on a CUDA
 device) it is an exact flat inner-product index on the GPU when FAISS has GPU support (the ``gpu``
@@ -59,8 +61,8 @@ CandidateProvider = Callable[[torch.Tensor], torch.Tensor | None]
 DEFAULT_MIN_KEYS = 4096
 _SIGNATURE_PROBES = 8  # random projections per key that reveal a key changed under the same entry id
 _SIGNATURE_TOL = 1e-5  # float noise of recomputing a projection; a changed key moves it ~1e-2
-_ADD_CHUNK = 65536
-_RESIDUAL_PROBES, _RESIDUAL_NEIGHBOURS = 512, 4  # sampled keys and their nearest others that estimate lam  # rows projected and added per FAISS call, to bound temporary memory
+_ADD_CHUNK = 65536  # rows projected and added per FAISS call, to bound temporary memory
+_RESIDUAL_PROBES, _RESIDUAL_NEIGHBOURS = 512, 4  # sampled keys and their nearest others that estimate lam
 _GPU_MAX_K = 2048  # FAISS GPU limit on k
 _MAX_DEAD = 256  # tombstones a search over-fetches past at most (CPU); more are compacted away
 # FAISS parallelises a search over its queries; for a few queries waking OpenMP threads costs more
@@ -179,7 +181,7 @@ class KeyIndex:
     def __init__(
         self,
         dim: int,
-        top_k: int = 256,
+        top_k: int = 512,
         min_keys: int = DEFAULT_MIN_KEYS,
         use_gpu: bool = False,
         *,
