@@ -56,9 +56,10 @@ log = logging.getLogger(__name__)
 
 CandidateProvider = Callable[[torch.Tensor], torch.Tensor | None]
 
-# Below this many keys exact routing is about as fast as index search + routing over candidates, and
-# exact (bench/index_bench.py at 1536 dims on this 2-core CPU: 10K keys 3.1 ms exact, 0.63 prefiltered)
-DEFAULT_MIN_KEYS = 4096
+# Below this many keys exact routing is about as fast as index search + routing over 512 candidates,
+# and exact (bench/index_bench.py --real at 1536 dims on this 2-core CPU: 10K keys 1.44 ms exact on
+# two threads vs 1.59 prefiltered, 20,640 keys 3.41 vs 1.81); also where the 4-bit codes start
+DEFAULT_MIN_KEYS = 16384
 _SIGNATURE_PROBES = 8  # random projections per key that reveal a key changed under the same entry id
 _SIGNATURE_TOL = 1e-5  # float noise of recomputing a projection; a changed key moves it ~1e-2
 _ADD_CHUNK = 65536  # rows projected and added per FAISS call, to bound temporary memory
