@@ -109,6 +109,29 @@ def test_rotated_pca_basis_keeps_distances_and_order():
     assert (rotated.search(q)[:, 0] == plain.search(q)[:, 0]).all()
 
 
+def test_index_space_keeps_each_keys_residual_norm():
+    """Components plus one coordinate for the residual's norm (keys: |r_k|; queries: lam |r_q|), so
+    |y_q - y_k|^2 = |p_q - p_k|^2 + (lam |r_q| - |r_k|)^2 in any rotation."""
+    keys = clustered_keys(3000)
+    index = small_index(pq_min_keys=10**6)
+    index.rebuild(np.arange(3000, dtype=np.int64), keys)
+    lam = index._query_residual
+    assert 0.2 < lam < 0.9  # clustered keys: neighbours share part of their residual
+    noise = np.random.default_rng(2).standard_normal((3000, DIM)).astype(np.float32)
+    iid = KeyIndex(DIM, reduced_dim=32, min_keys=0, pq_min_keys=10**6)
+    iid.rebuild(np.arange(3000, dtype=np.int64), noise / np.linalg.norm(noise, axis=1, keepdims=True))
+    assert iid._query_residual < lam / 2  # independent keys: residuals barely correlate
+    q = paraphrases(keys[:50])
+    yk, yq = index._project(keys[:50]), index._project(q, queries=True)
+    ck, cq = keys[:50] - index._mean, q - index._mean
+    pk, pq = ck @ index._proj, cq @ index._proj  # rotated components and norm share one frame
+    np.testing.assert_allclose((yk * yk).sum(1), (ck * ck).sum(1), rtol=1e-4)  # a key keeps its norm
+    rk = np.sqrt(np.maximum((ck * ck).sum(1) - (pk * pk).sum(1), 0))
+    rq = np.sqrt(np.maximum((cq * cq).sum(1) - (pq * pq).sum(1), 0))
+    expected = ((pq - pk) ** 2).sum(1) + (lam * rq - rk) ** 2
+    np.testing.assert_allclose(((yq - yk) ** 2).sum(1), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_small_index_searches_full_keys_and_pads():
     keys = clustered_keys(10)
     index = small_index()
