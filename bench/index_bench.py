@@ -301,7 +301,7 @@ def run_size(n: int, args: argparse.Namespace, real: RealSet | None) -> dict:
     retriever = HopfieldRetriever(
         cfg.hopfield_alpha, cfg.hopfield_beta, cfg.hopfield_steps, cfg.threshold, support=cfg.hopfield_support
     )
-    provide = index.candidate_provider(cb)
+    provide = index.candidate_provider(cb, retriever.support)
     order = cb.row_entry_ids
 
     def prefiltered(q: torch.Tensor):

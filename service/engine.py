@@ -227,7 +227,7 @@ class Engine:
             use_gpu=use_gpu,
             scan_threads=s.index_threads,
         )
-        editor.candidate_provider = self.index.candidate_provider(editor.codebook)
+        editor.candidate_provider = self.index.candidate_provider(editor.codebook, editor.retriever.support)
         self._rebuild()
 
     def _rebuild(self) -> None:

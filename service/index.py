@@ -334,9 +334,15 @@ class KeyIndex:
         elif isinstance(self._index, faiss.IndexFlatL2) and len(self) >= self.pq_min_keys:
             self._rebuild_from(codebook)  # grown past the exact scan's size: quantise
 
-    def candidate_provider(self, codebook: Codebook) -> CandidateProvider:
+    def candidate_provider(self, codebook: Codebook, support: int = 0) -> CandidateProvider:
         """The editor's ``candidate_provider``: unit queries [B, d] -> codebook rows [B, top_k]
-        (-1 padded), or None for exact routing (small codebook, or no candidate for some query)."""
+        (-1 padded), or None for exact routing (small codebook, or no candidate for some query).
+
+        With the retriever's ``support`` s (< top_k) and the keys in host memory, the provider hands
+        over each query's s nearest candidates by exact inner product with the full keys instead,
+        the rows routing would attend anyway (``HopfieldRetriever._nearest``), scored in place by
+        FAISS rather than gathered by torch: 1M keys, 512 candidates, 0.37 + 0.23 ms instead of 0.95
+        for routing, the same routes (bench/index_bench.py --real)."""
 
         def provide(queries: torch.Tensor) -> torch.Tensor | None:
             if self.exact_on_device or len(codebook) < self.min_keys:
@@ -350,9 +356,34 @@ class KeyIndex:
             rows = codebook.rows_of(torch.from_numpy(ids))
             if (rows < 0).all(dim=1).any():
                 return None
+            if 0 < support < rows.shape[1]:
+                nearest = self._nearest_rows(codebook.keys, queries, rows, support)
+                if nearest is not None:
+                    rows = nearest
             return rows.to(queries.device)
 
         return provide
+
+    @staticmethod
+    def _nearest_rows(keys: torch.Tensor, queries: torch.Tensor, rows: torch.Tensor, s: int) -> torch.Tensor | None:
+        """Per query, its ``s`` candidate ``rows`` (-1 padded) of largest inner product with ``keys``,
+        read in place; None where the keys are not a contiguous float32 host tensor."""
+        if keys.device.type != "cpu" or keys.dtype != torch.float32 or not keys.is_contiguous():
+            return None
+        k = keys.detach().numpy()
+        q = np.ascontiguousarray(queries.detach().to(torch.float32).cpu().numpy())
+        ids = rows.numpy()
+        safe = np.ascontiguousarray(np.maximum(ids, 0))  # padding reads row 0, then scores -inf
+        ip = np.empty(ids.shape, dtype=np.float32)
+        with _omp_threads(1 if len(q) < _PARALLEL_QUERIES else 0):
+            faiss.fvec_inner_products_by_idx(
+                faiss.swig_ptr(ip), faiss.swig_ptr(q), faiss.swig_ptr(k), faiss.swig_ptr(safe), k.shape[1], *ids.shape
+            )
+        ip[ids < 0] = -np.inf
+        pick = np.argpartition(-ip, s - 1, axis=1)[:, :s]
+        kept = np.take_along_axis(ids, pick, axis=1)
+        kept[np.take_along_axis(ip, pick, axis=1) == -np.inf] = -1
+        return torch.from_numpy(kept)
 
     # ---- internals -------------------------------------------------------------------------
     def _check(self, entry_ids: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

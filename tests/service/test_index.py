@@ -364,6 +364,26 @@ def test_prefiltered_routing_equals_exact_routing():
     assert torch.allclose(pre.scores[hit], exact.scores[hit], atol=1e-3)
 
 
+def test_provider_with_support_hands_over_the_nearest_candidates_by_exact_cosine():
+    keys = clustered_keys(4000, cluster=32, spread=0.7)
+    cb = codebook_with(keys)
+    index = small_index(top_k=32)
+    index.sync(cb)
+    wide, narrow = index.candidate_provider(cb), index.candidate_provider(cb, support=8)
+    queries = F.normalize(torch.from_numpy(paraphrases(keys[::40], 0.85)), dim=-1)
+    all32, best8 = wide(queries), narrow(queries)
+    assert all32.shape == (len(queries), 32) and best8.shape == (len(queries), 8)
+    cos = torch.bmm(cb.keys[all32.clamp(min=0)], queries[:, :, None]).squeeze(-1).masked_fill(all32 < 0, -2)
+    expected = all32.gather(1, cos.topk(8, dim=1).indices)
+    assert torch.equal(best8.sort(dim=1).values, expected.sort(dim=1).values)
+    retriever = HopfieldRetriever(alpha=0.1, beta=20.0, steps=2, threshold=0.8, support=8)
+    order = cb.row_entry_ids
+    exact = retriever.route(queries, cb.keys, order=order)
+    assert (exact.rows >= 0).float().mean() > 0.9
+    assert torch.equal(retriever.route(queries, cb.keys, best8, order=order).rows, exact.rows)
+    assert torch.equal(retriever.route(queries, cb.keys, all32, order=order).rows, exact.rows)
+
+
 @pytest.mark.gpu
 def test_gpu_flat_index_finds_exact_top1():
     import faiss
