@@ -13,8 +13,9 @@ product-quantised codes with FAISS's SIMD fast scan (``IndexPQFastScan``, four d
 32 bytes per key), split into shards that one query scans on parallel threads (``_ShardedScan``).
 The scan fetches ``scan_k`` (2048) codes; each shard re-ranks its share by exact distance in that
 space (``IndexRefineFlat``: the mapped keys are kept beside the codes, 1 KB per key) and the best
-``top_k`` (512) go to routing, whose refinement attends each query's 32 nearest of those by exact
-cosine over the full keys (``HorenConfig.hopfield_support``).
+``top_k`` (512) go on; with the retriever's support given, the provider scores them against the
+full keys in place and hands routing only the 32 nearest, the ones its refinement attends
+(``HorenConfig.hopfield_support``).
 Why so (bench/index_bench.py; 1M keys shaped like the model's, 20,640 of them real): the model's
 queries spread their energy flatly (PCA keeps 74% of it in 256 dimensions) and sit in dense
 neighbourhoods. Plain PCA distances rank the keys the components describe worst too near: exactly
