@@ -248,6 +248,8 @@ class KeyIndex:
             return "none-exact-on-device"
         if self.on_gpu:
             return "gpu-flat-ip"
+        if self._index is None:
+            return f"none-exact-below-{self.min_keys}"  # not built yet: routing is exhaustive
         r = self.reduced_dim if self._proj is not None else self.dim
         if isinstance(self._index, _ShardedScan):
             refine = f"-refine{self.scan_k}" if self._index.refine else ""

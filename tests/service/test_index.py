@@ -215,7 +215,7 @@ def test_provider_returns_none_below_min_keys():
     index = small_index(min_keys=500)
     provide = index.candidate_provider(cb)
     index.sync(cb)
-    assert not index.built
+    assert not index.built and index.kind == "none-exact-below-500"
     assert provide(torch.from_numpy(keys[:2])) is None
     for i in range(300, 600):
         cb.add(i + 1, torch.from_numpy(keys[i]), torch.zeros(2), [i])
