@@ -419,7 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exact-budget", type=float, default=30.0, help="seconds spent timing exact routing")
     ap.add_argument("--batch", type=int, default=64, help="queries per batch in the agreement pass")
     ap.add_argument(
-        "--top-k", type=int, default=512, help="candidates handed to routing, which attends their 32 nearest"
+        "--top-k",
+        type=int,
+        default=512,
+        help="candidates scored against the full keys; routing attends their 32 nearest",
     )
     ap.add_argument(
         "--scan-threads", type=int, default=0, help="shards one query's scan is split into (0: cores, <= 4)"
