@@ -382,6 +382,11 @@ def test_provider_with_support_hands_over_the_nearest_candidates_by_exact_cosine
     assert (exact.rows >= 0).float().mean() > 0.9
     assert torch.equal(retriever.route(queries, cb.keys, best8, order=order).rows, exact.rows)
     assert torch.equal(retriever.route(queries, cb.keys, all32, order=order).rows, exact.rows)
+    # fewer keys than candidates: the padding stays padding, never a row
+    few = codebook_with(keys[:5])
+    tiny = small_index(top_k=32)
+    rows = tiny.candidate_provider(few, support=8)(queries[:3])
+    assert rows.shape == (3, 8) and sorted(rows[0].tolist()) == [-1, -1, -1, 0, 1, 2, 3, 4]
 
 
 @pytest.mark.gpu
