@@ -18,6 +18,11 @@ def _gather(keys: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return keys.index_select(0, rows.clamp(min=0).reshape(-1)).view(*rows.shape, keys.shape[-1])
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(x, dim=-1)`` in fewer kernels (it is most of a small routing's time on a CPU)."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12)
+
+
 @dataclass(frozen=True)
 class Routing:
     rows: torch.Tensor  # [B] codebook row per query, -1 where nothing cleared the threshold
@@ -36,12 +41,13 @@ class HopfieldRetriever:
         """queries [B, d] (unit); keys [N, d] shared or [B, k, d] per query; valid [B, k] masks padding."""
         q = queries
         for _ in range(self.steps):
-            logits = self._scores(q, keys) * self.beta
+            logits = self._scores(q, keys).mul_(self.beta)
             if valid is not None:
-                logits = logits.masked_fill(~valid, float("-inf"))
+                logits.masked_fill_(~valid, float("-inf"))
             attn = torch.softmax(logits, dim=-1)
             recalled = attn @ keys if keys.dim() == 2 else torch.bmm(attn.unsqueeze(1), keys).squeeze(1)
-            q = F.normalize((1 - self.alpha) * q + self.alpha * F.normalize(recalled, dim=-1), dim=-1)
+            # (1 - alpha) q + alpha unit(recalled), renormalised
+            q = _unit(torch.lerp(q, _unit(recalled), self.alpha))
         return q
 
     def _nearest(
@@ -97,17 +103,22 @@ class HopfieldRetriever:
         else:
             candidates = candidates.to(keys.device)
             valid = candidates >= 0
+            if bool(valid.all()):
+                valid = None  # no padding: skip the masking (a small routing is mostly kernel launches)
             if sub is None:
                 sub = _gather(keys, candidates)  # [B, k, d]
             q = self.refine(queries, sub, valid)
-            s = self._scores(q, sub).masked_fill(~valid, float("-inf"))
+            s = self._scores(q, sub)
+            if valid is not None:
+                s = s.masked_fill(~valid, float("-inf"))
             rows_of = candidates
         scores, pos = s.max(dim=-1)
         if order is not None:
-            prio = order.to(s.device)[rows_of.clamp(min=0)] if rows_of is not None else order.to(s.device)[None]
             tied = s >= (scores[:, None] - _TIE)
-            pos = torch.where(tied, prio.expand_as(s).to(torch.float64), float("-inf")).argmax(dim=-1)
-            scores = s.gather(1, pos[:, None]).squeeze(1)
+            if int(tied.sum()) > b:  # some query has more than one best key
+                prio = order.to(s.device)[rows_of.clamp(min=0)] if rows_of is not None else order.to(s.device)[None]
+                pos = torch.where(tied, prio.expand_as(s).to(torch.float64), float("-inf")).argmax(dim=-1)
+                scores = s.gather(1, pos[:, None]).squeeze(1)
         rows = rows_of.gather(1, pos[:, None]).squeeze(1) if rows_of is not None else pos
         hit = scores >= self.threshold
         return Routing(torch.where(hit, rows, none), scores)
