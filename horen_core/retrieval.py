@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 _TIE = 1e-6  # cosines this close are the same key (float noise of identical prompts)
 

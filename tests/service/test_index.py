@@ -95,6 +95,23 @@ def test_scanned_codes_are_reranked_by_exact_distance_in_the_reduced_space():
     assert (again[:, 0] == found[:5, 1]).all()
 
 
+def test_shards_stay_equal_and_answer_one_query_as_a_batch():
+    keys = clustered_keys(3001)
+    ids = np.arange(3001, dtype=np.int64)
+    index = small_index(top_k=16, scan_threads=3)
+    index.rebuild(ids[:3000], keys[:3000])
+    assert [p.ntotal for p in index._index._parts] == [1000, 1000, 1000]  # one bulk add, spread
+    index.add(ids[3000:], keys[3000:])
+    assert sorted(p.ntotal for p in index._index._parts) == [1000, 1000, 1001]
+    # fewer queries than _PARALLEL_QUERIES: shards on threads; more: in turn, FAISS over the queries
+    q = paraphrases(keys[::60])
+    assert len(q) >= 32
+    batch = index.search(q)
+    alone = np.concatenate([index.search(q[i : i + 1]) for i in range(len(q))])
+    np.testing.assert_array_equal(alone, batch)
+    assert (batch[:, 0] == exact_top1(q, keys, ids)).mean() > 0.9
+
+
 def test_rotated_pca_basis_keeps_distances_and_order():
     keys = clustered_keys(600)
     ids = np.arange(600, dtype=np.int64)
