@@ -164,9 +164,8 @@ class _ShardedScan:
         if len(x) >= _PARALLEL_QUERIES:  # FAISS parallelises over the queries: the shards in turn
             found = [part.search(x, k) for part in self._parts]
         else:  # this thread scans the first shard, workers the others (FAISS releases the GIL)
-            with _omp_threads(1):
-                pending = [_workers().submit(_search_alone, part, x, k) for part in self._parts[1:]]
-                found = [self._parts[0].search(x, k)] + [p.result() for p in pending]
+            pending = [_workers().submit(_search_alone, part, x, k) for part in self._parts[1:]]
+            found = [_search_alone(self._parts[0], x, k)] + [p.result() for p in pending]
         if len(found) == 1:
             return found[0]
         dist, labels = (np.concatenate(a, axis=1) for a in zip(*found))
