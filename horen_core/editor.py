@@ -395,6 +395,46 @@ class HorenEditor:
                 raise CorruptStateError(f"edit {edit_id} retrains entry {entry_id} with another answer")
             return self.codebook.retrain(edit_id, entry_id, key, value)
 
+    def apply_versions(
+        self,
+        edit_ids: Sequence[int],
+        entry_ids: Sequence[int],
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        answers: Sequence[Sequence[int]],
+    ) -> list[CodebookChange]:
+        """``apply_version`` of many edits, in order (a log replay): each run of edits that create
+        entries goes into the codebook at once (``Codebook.add_many``), retrains one by one."""
+        with self.lock:
+            changes: list[CodebookChange] = []
+            run: list[int] = []  # positions of consecutive edits creating entries, not yet added
+            created: set[int] = set()
+
+            def flush() -> None:
+                if run:
+                    pick = torch.tensor(run)
+                    changes.extend(
+                        self.codebook.add_many(
+                            [edit_ids[i] for i in run],
+                            keys[pick],
+                            values[pick],
+                            [answers[i] for i in run],
+                            [entry_ids[i] for i in run],
+                        )
+                    )
+                    self._next_edit_id = max(self._next_edit_id, max(edit_ids[i] for i in run) + 1)
+                    run.clear()
+
+            for i, entry_id in enumerate(entry_ids):
+                if entry_id in created or self.codebook.has_entry(entry_id):
+                    flush()
+                    changes.append(self.apply_version(edit_ids[i], entry_id, keys[i], values[i], answers[i]))
+                else:
+                    run.append(i)
+                    created.add(entry_id)
+            flush()
+            return changes
+
     def save(self, path) -> None:
         with self.lock:
             self.codebook.save(path, metadata={**self.identity, "config": _json(self.config.to_dict())})

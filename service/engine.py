@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -236,8 +236,8 @@ class Engine:
         assert editor is not None
         with self.sessions() as session:
             last = repo.last_event_id(session, self.codebook_id)
-            for e in repo.active_edits(session, self.codebook_id):
-                self._apply_edit_row(e)
+            for rows in repo.active_edit_vectors(session, self.codebook_id):
+                self._apply_edit_rows(rows)
             after = 0
             while after < last:  # the digest covers the whole log, so it survives restarts
                 events = repo.events_after(session, self.codebook_id, after, limit=5000)
@@ -252,6 +252,20 @@ class Engine:
         self._sync()  # whatever was committed while we replayed
         self._after_change()
         log.info("codebook rebuilt: %d entries from the database", len(editor.codebook))
+
+    def _apply_edit_rows(self, rows: Sequence[Any]) -> None:
+        """Replay these edits (in id order) at once, those not applied yet."""
+        editor = self.editor
+        rows = [r for r in rows if editor.codebook.entry_of_edit(r.id) is None]
+        if rows:
+            dk, dv = editor.codebook.key_dim, editor.codebook.value_dim
+            editor.apply_versions(
+                [r.id for r in rows],
+                [r.entry_id for r in rows],
+                repo.bytes_to_matrix([r.key for r in rows], dk),
+                repo.bytes_to_matrix([r.value for r in rows], dv),
+                [r.answer_ids for r in rows],
+            )
 
     def _apply_edit_row(self, e: Any) -> None:
         editor = self.editor

@@ -9,10 +9,10 @@ reads events with id > the last one it saw never skips one that commits late.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Row, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db.errors import EditNotFound, EntryConflict
@@ -224,6 +224,19 @@ def active_edits(session: Session, codebook_id: int) -> list[Edit]:
     return list(session.scalars(stmt).all())
 
 
+def active_edit_vectors(session: Session, codebook_id: int, chunk: int = 4096) -> Iterator[Sequence[Row]]:
+    """What replaying the active edits needs (``id``, ``entry_id``, ``answer_ids``, ``key``,
+    ``value``), in id order, ``chunk`` rows at a time: plain rows, no ORM objects, so that a replay
+    of many edits neither builds nor holds them all."""
+    stmt = (
+        select(Edit.id, Edit.entry_id, Edit.answer_ids, Edit.key, Edit.value)
+        .where(Edit.codebook_id == codebook_id, Edit.status == EDIT_ACTIVE)
+        .order_by(Edit.id)
+        .execution_options(yield_per=chunk)
+    )
+    yield from session.execute(stmt).partitions()
+
+
 # ---- entries and events ---------------------------------------------------------------------
 def entry_version(session: Session, codebook_id: int, entry_id: int) -> int | None:
     stmt = select(Entry.version).where(Entry.codebook_id == codebook_id, Entry.entry_id == entry_id)
@@ -245,6 +258,18 @@ def tensor_to_bytes(t: torch.Tensor) -> bytes:
     """A vector as float32 little-endian bytes (any shape is flattened)."""
     arr = t.detach().to(device="cpu").reshape(-1).float().numpy()
     return arr.astype("<f4", copy=False).tobytes()
+
+
+def bytes_to_matrix(blobs: Sequence[bytes], dim: int) -> torch.Tensor:
+    """[len(blobs), dim] float32 of vectors stored by `tensor_to_bytes`."""
+    import numpy as np
+    import torch
+
+    for b in blobs:
+        if len(b) != 4 * dim:
+            raise ValueError(f"vector has {len(b)} bytes, expected {4 * dim} for {dim} float32 values")
+    flat = np.frombuffer(b"".join(blobs), dtype="<f4").astype(np.float32)
+    return torch.from_numpy(flat.reshape(len(blobs), dim))
 
 
 def bytes_to_tensor(b: bytes, dim: int) -> torch.Tensor:

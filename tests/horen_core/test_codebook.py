@@ -63,6 +63,55 @@ def test_add_rejects_duplicate_edit_wrong_shape_and_nan(cb):
     assert len(cb) == 1 and cb.edit_ids() == [1]
 
 
+@pytest.mark.parametrize("first_id", [1, 10**9], ids=["allocated-ids", "sparse-given-ids"])
+def test_add_many_is_adding_one_by_one(first_id):
+    """The same state, changes, generation and rows as sequential adds, past a capacity chunk,
+    onto entries already there; then rollbacks and further adds behave alike too."""
+    one, many = Codebook(DK, DV), Codebook(DK, DV)
+    for c in (one, many):
+        c.add(1, vec(1, DK), vec(2, DV), [7], entry_id=first_id)
+    n = 1500
+    edits = list(range(2, n + 2))
+    entries = [first_id + 1 + 2 * i for i in range(n)]  # ids with holes
+    keys = torch.stack([vec(100 + i, DK) * (1 + i % 3) for i in range(n)])
+    values = torch.stack([vec(5000 + i, DV) for i in range(n)])
+    answers = [[10 + i, 11] for i in range(n)]
+    seq = [one.add(e, keys[i], values[i], answers[i], entry_id=entries[i]) for i, e in enumerate(edits)]
+    assert many.add_many(edits, keys, values, answers, entries) == seq
+    assert_same_state(one, many)
+    assert one.generation == many.generation
+    probe = torch.tensor([[first_id, entries[0], entries[-1], entries[-1] + 1, -1]])
+    assert torch.equal(one.rows_of(probe), many.rows_of(probe))
+    for c in (one, many):
+        c.rollback(edits[3])
+        c.add(n + 10, vec(9, DK), vec(9, DV), [1])
+    assert_same_state(one, many)
+
+
+def test_add_many_rejects_bad_input_and_changes_nothing(cb):
+    cb.add(1, vec(1, DK), vec(2, DV), [1])
+    before, gen = cb.state_dict(), cb.generation
+    keys, values = torch.stack([vec(3, DK), vec(4, DK)]), torch.stack([vec(5, DV), vec(6, DV)])
+    bad = [
+        ([1, 3], keys, values, [[1], [2]], [10, 11]),  # edit already in the codebook
+        ([2, 2], keys, values, [[1], [2]], [10, 11]),  # edit repeated
+        ([2, 3], keys, values, [[1], [2]], [1, 11]),  # entry already there
+        ([2, 3], keys, values, [[1], [2]], [10, 10]),  # entry repeated
+        ([2, 3], keys[:, :-1], values, [[1], [2]], [10, 11]),  # wrong key dimension
+        ([2, 3], keys, values.index_fill(1, torch.tensor([0]), float("nan")), [[1], [2]], [10, 11]),
+        ([2, 3], keys.index_fill(1, torch.tensor([0]), float("inf")), values, [[1], [2]], [10, 11]),
+        ([2, 3], keys, values, [[1]], [10, 11]),  # counts differ
+        ([2, 3], keys, values, [[1], ["x"]], [10, 11]),  # an answer that is no token id
+    ]
+    for args in bad:
+        with pytest.raises((CorruptStateError, ValueError)):
+            cb.add_many(*args)
+    after = cb.state_dict()
+    assert cb.generation == gen and after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert cb.add_many([], keys[:0], values[:0], [], []) == []
+
+
 def test_retrain_then_rollback_restores_value_and_key_exactly(cb):
     fill(cb, 3)
     entry = cb.entry_of_edit(2)

@@ -132,6 +132,42 @@ def test_apply_version_mirrors_edit_exactly(arch, tiny_factory, tiny_tokenizer, 
     assert gen(a, prompts) == gen(b, prompts)
 
 
+def test_apply_versions_replays_a_log_like_apply_version_one_by_one(tiny_factory, tiny_tokenizer, make_editor):
+    """A replay in one call (new entries in runs, a retrain of an entry created in the same call,
+    one of an entry created before it) leaves the codebook bit-identical to one call per edit."""
+    src = make_editor(tiny_factory(), tiny_tokenizer, CFG)
+    log = []
+    for prompt, target in [
+        ("who wrote", "Alice"),
+        (PROMPT, "Rome"),
+        (OTHER[1], "Oslo"),
+        (PROMPT, "Rome"),
+        ("who wrote", "Alice"),
+    ]:
+        r = src.edit(prompt, target, apply=False)
+        entry = r.entry_id if r.entry_id is not None else r.edit_id
+        src.apply_version(r.edit_id, entry, r.key, r.value, r.answer)
+        log.append((r.edit_id, entry, r.key, r.value, r.answer))
+    assert len({e for _, e, *_ in log}) < len(log)  # the log holds a retrain
+    one = make_editor(tiny_factory(), tiny_tokenizer, CFG)
+    for edit_id, entry, key, value, answer in log:
+        one.apply_version(edit_id, entry, key, value, answer)
+    many = make_editor(tiny_factory(), tiny_tokenizer, CFG)
+    many.apply_version(*log[0])
+    changes = many.apply_versions(
+        [e for e, *_ in log[1:]],
+        [en for _, en, *_ in log[1:]],
+        torch.stack([k for _, _, k, _, _ in log[1:]]),
+        torch.stack([v for *_, v, _ in log[1:]]),
+        [a for *_, a in log[1:]],
+    )
+    assert [c.kind for c in changes] == ["created", "created", "retrained", "retrained"]
+    sa, sb = one.codebook.state_dict(), many.codebook.state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert many.edit(OTHER[2], "Lima").edit_id == one.edit(OTHER[2], "Lima").edit_id  # next ids alike
+
+
 def test_apply_version_rejects_a_retrain_with_another_answer(editor):
     res = editor.edit(PROMPT, "Rome")
     with pytest.raises(CorruptStateError):

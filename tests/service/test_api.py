@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -127,6 +128,34 @@ def test_restart_answers_as_before(settings):
         again = c.post("/generate", json={"prompt": prompt, "max_new_tokens": 6}).json()
         assert again == first and again["edit_id"] == e["id"]
         assert c.get("/readyz").json()["status"] == "ready"
+
+
+def test_restart_rebuilds_the_same_codebook_from_a_log_with_retrains_and_rollbacks(settings):
+    """The replay on start (new entries in bulk, retrains and rollbacks in log order) rebuilds the
+    codebook bit-identically: same rows, keys, values and versions."""
+    facts = [
+        ("Which river flows through Cairo?", "Melville"),
+        ("Who wrote the challenge?", "Oslo"),
+        ("Which river flows through Cairo?", "Melville"),  # retrains the first entry
+        ("When was the inception of the bridge?", "Lima"),
+        ("Who wrote the challenge?", "Oslo"),
+    ]
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        made = [c.post("/edits", json={"prompt": p, "target": t}).json() for p, t in facts]
+        assert not made[2]["new_key"] and made[2]["entry_id"] == made[0]["entry_id"]
+        for e in (made[1], made[3]):
+            assert c.post(f"/admin/edits/{e['id']}/rollback", headers=auth()).status_code == 200
+        before = c.app.state.engine.editor.codebook.state_dict()
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        after = c.app.state.engine.editor.codebook.state_dict()
+    assert before.keys() == after.keys()
+    # the service allocates entry ids from the database (an entry's id is its creating edit's), so
+    # the codebook's own counter only follows the replayed entries: 3 here, where 5 had been seen
+    for k in before.keys() - {"next_entry_id"}:
+        assert torch.equal(before[k], after[k]), k
+    assert int(after["next_entry_id"]) == max(e["entry_id"] for e in (made[0], made[4])) + 1
 
 
 @pytest.mark.gpu
