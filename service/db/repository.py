@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 __all__ = [
     "EditNotFound",
     "EntryConflict",
-    "active_edits",
+    "active_edit_vectors",
+    "bytes_to_matrix",
     "bytes_to_tensor",
     "entry_version",
     "events_after",
@@ -216,12 +217,6 @@ def list_edits(
     total = session.scalar(select(func.count()).select_from(Edit).where(*cond)) or 0
     items = session.scalars(select(Edit).where(*cond).order_by(Edit.id).limit(limit).offset(offset)).all()
     return list(items), int(total)
-
-
-def active_edits(session: Session, codebook_id: int) -> list[Edit]:
-    """Every active edit of a codebook in id order: replaying them rebuilds the codebook."""
-    stmt = select(Edit).where(Edit.codebook_id == codebook_id, Edit.status == EDIT_ACTIVE).order_by(Edit.id)
-    return list(session.scalars(stmt).all())
 
 
 def active_edit_vectors(session: Session, codebook_id: int, chunk: int = 4096) -> Iterator[Sequence[Row]]:

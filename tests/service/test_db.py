@@ -293,13 +293,22 @@ def test_list_filter_search_and_pages(sessions, codebook_id):
         assert search("") == ids  # an empty query does not filter
 
 
-def test_active_edits_in_order(sessions, codebook_id):
+def test_active_edit_vectors_in_order_and_in_chunks(sessions, codebook_id):
     with sessions.begin() as s:
-        ids = [_add(s, codebook_id, prompt=str(i)).id for i in range(5)]
+        ids = [_add(s, codebook_id, prompt=str(i), answer_ids=[i], value=_vec(i, 1.0, 2.0)).id for i in range(5)]
         repo.rollback_edit(s, ids[2], "x")
     with sessions() as s:
-        assert [e.id for e in repo.active_edits(s, codebook_id)] == [ids[0], ids[1], ids[3], ids[4]]
-        assert repo.active_edits(s, codebook_id + 1000) == []
+        chunks = list(repo.active_edit_vectors(s, codebook_id, chunk=3))
+        assert [len(c) for c in chunks] == [3, 1]
+        rows = [r for c in chunks for r in c]
+        assert [r.id for r in rows] == [ids[0], ids[1], ids[3], ids[4]]
+        assert [r.answer_ids for r in rows] == [[0], [1], [3], [4]]
+        values = repo.bytes_to_matrix([r.value for r in rows], 3)
+        assert values.tolist() == [[i, 1.0, 2.0] for i in (0, 1, 3, 4)]
+        assert repo.bytes_to_matrix([r.key for r in rows], 4)[:, 0].tolist() == [1.0] * 4
+        assert list(repo.active_edit_vectors(s, codebook_id + 1000)) == []
+    with pytest.raises(ValueError):
+        repo.bytes_to_matrix([_vec(1, 2, 3), _vec(1, 2)], 3)
 
 
 # ---- rollback -------------------------------------------------------------------------------
