@@ -167,6 +167,11 @@ class Codebook:
         return total
 
     # ---- write side ------------------------------------------------------------------------
+    def reserve(self, rows: int) -> None:
+        """Make room for ``rows`` rows in all (a replay that knows its size): adds up to there copy
+        nothing. Capacity otherwise grows by ``_GROW_ROWS``, copying the matrices each time."""
+        self._ensure_capacity(rows)
+
     def _ensure_capacity(self, rows: int) -> None:
         if rows <= self._keys.shape[0]:
             return

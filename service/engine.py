@@ -236,6 +236,8 @@ class Engine:
         assert editor is not None
         with self.sessions() as session:
             last = repo.last_event_id(session, self.codebook_id)
+            # room for every entry at once: growing chunk by chunk would copy the matrices each time
+            editor.codebook.reserve(len(editor.codebook) + repo.count_active_edits(session, self.codebook_id))
             for rows in repo.active_edit_vectors(session, self.codebook_id):
                 self._apply_edit_rows(rows)
             after = 0

@@ -35,6 +35,7 @@ __all__ = [
     "EditNotFound",
     "EntryConflict",
     "active_edit_vectors",
+    "count_active_edits",
     "bytes_to_matrix",
     "bytes_to_tensor",
     "entry_version",
@@ -217,6 +218,11 @@ def list_edits(
     total = session.scalar(select(func.count()).select_from(Edit).where(*cond)) or 0
     items = session.scalars(select(Edit).where(*cond).order_by(Edit.id).limit(limit).offset(offset)).all()
     return list(items), int(total)
+
+
+def count_active_edits(session: Session, codebook_id: int) -> int:
+    stmt = select(func.count()).select_from(Edit).where(Edit.codebook_id == codebook_id, Edit.status == EDIT_ACTIVE)
+    return int(session.scalar(stmt) or 0)
 
 
 def active_edit_vectors(session: Session, codebook_id: int, chunk: int = 4096) -> Iterator[Sequence[Row]]:
