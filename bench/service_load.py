@@ -3,7 +3,8 @@
 1. mixed load: concurrent clients mixing edits and generations -> throughput, p50/p99 latency;
 2. batching gain: concurrent /generate throughput with batching (HOREN_MAX_BATCH=16) over
    one-at-a-time (HOREN_MAX_BATCH=1), same prompts, printed as a ratio;
-3. /generate latency with 10,000 active codebook entries over the latency with none (ratio).
+3. /generate latency with 10,000 active codebook entries over the latency with none (ratio): a
+   server on those entries and one on an empty codebook, up at the same time, take turns.
 
 The 10,000 entries are written straight into the database (random unit keys, small values, each
 with its own edit row), then the server is restarted and rebuilds its codebook from the database
@@ -91,15 +92,22 @@ def run_clients(url: str, clients: int, jobs_per_client: list[list[tuple[str, di
     return out
 
 
-def sequential_latency(url: str, n: int, max_new_tokens: int) -> float:
-    times = []
-    with httpx.Client(base_url=url, timeout=300) as c:
+def sequential_latency(urls: list[str], n: int, max_new_tokens: int) -> list[float]:
+    """Median /generate latency of each server, one request at a time, the servers taking turns on
+    the same prompts (so that a machine slowing down meanwhile slows them all alike)."""
+    times: list[list[float]] = [[] for _ in urls]
+    clients = [httpx.Client(base_url=url, timeout=300) for url in urls]
+    try:
         for i in range(n):
-            t0 = time.perf_counter()
-            r = c.post("/generate", json={"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": max_new_tokens})
-            assert r.status_code == 200, r.text
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times[2:])  # the first calls warm caches
+            for c, t in zip(clients, times):
+                t0 = time.perf_counter()
+                r = c.post("/generate", json={"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": max_new_tokens})
+                assert r.status_code == 200, r.text
+                t.append(time.perf_counter() - t0)
+    finally:
+        for c in clients:
+            c.close()
+    return [statistics.median(t[2:]) for t in times]  # the first calls warm caches
 
 
 def insert_synthetic_entries(db_url: str, count: int) -> None:
@@ -153,8 +161,6 @@ def main() -> int:
     batched = Server(db_url, tmp / "data", tmp / "server.log", **where)
     batched.start()
     try:
-        base_latency = sequential_latency(batched.url, 12, args.max_new_tokens)
-        summary["generate_latency_empty_ms"] = round(base_latency * 1000, 1)
         gen_jobs = [
             [
                 ("generate", {"prompt": PROMPTS[(i + j) % len(PROMPTS)], "max_new_tokens": args.max_new_tokens})
@@ -198,13 +204,17 @@ def main() -> int:
     t0 = time.perf_counter()
     big.start()
     summary["restart_to_ready_s_with_entries"] = round(time.perf_counter() - t0, 1)
+    # the baseline: a server with an empty codebook (its own database), up at the same time
+    empty = Server(f"sqlite:///{tmp / 'empty.db'}", tmp / "data", tmp / "server-empty.log", **where)
     try:
         with httpx.Client(base_url=big.url, timeout=60) as c:
             summary["entries_loaded"] = c.get("/readyz").json()["detail"]["entries"]
-        # the empty-codebook baseline again, now on a warm machine, interleaved with the big one
-        big_latency = sequential_latency(big.url, 12, args.max_new_tokens)
+        empty.start()
+        base_latency, big_latency = sequential_latency([empty.url, big.url], 12, args.max_new_tokens)
     finally:
+        empty.stop()
         big.stop()
+    summary["generate_latency_empty_ms"] = round(base_latency * 1000, 1)
     summary["generate_latency_with_entries_ms"] = round(big_latency * 1000, 1)
     summary["entries_latency_ratio"] = round(big_latency / base_latency, 3)
 
