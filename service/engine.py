@@ -256,7 +256,7 @@ class Engine:
         log.info("codebook rebuilt: %d entries from the database", len(editor.codebook))
 
     def _apply_edit_rows(self, rows: Sequence[Any]) -> None:
-        """Replay these edits (in id order) at once, those not applied yet."""
+        """Apply these edits (rows or ``Edit``s, in id order) at once, those not applied yet."""
         editor = self.editor
         rows = [r for r in rows if editor.codebook.entry_of_edit(r.id) is None]
         if rows:
@@ -268,15 +268,6 @@ class Engine:
                 repo.bytes_to_matrix([r.value for r in rows], dv),
                 [r.answer_ids for r in rows],
             )
-
-    def _apply_edit_row(self, e: Any) -> None:
-        editor = self.editor
-        if editor.codebook.entry_of_edit(e.id) is not None:
-            return
-        dk, dv = editor.codebook.key_dim, editor.codebook.value_dim
-        editor.apply_version(
-            e.id, e.entry_id, repo.bytes_to_tensor(e.key, dk), repo.bytes_to_tensor(e.value, dv), e.answer_ids
-        )
 
     def _sync(self) -> int:
         """Apply events committed by other processes since the last one seen. Returns how many."""
@@ -293,7 +284,7 @@ class Engine:
             edit = repo.get_edit(session, ev.edit_id)
             if ev.kind == "edit":
                 if edit is not None:
-                    self._apply_edit_row(edit)
+                    self._apply_edit_rows([edit])
             elif ev.kind == "rollback":
                 try:
                     editor.rollback(ev.edit_id)

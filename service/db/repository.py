@@ -35,9 +35,9 @@ __all__ = [
     "EditNotFound",
     "EntryConflict",
     "active_edit_vectors",
-    "count_active_edits",
     "bytes_to_matrix",
     "bytes_to_tensor",
+    "count_active_edits",
     "entry_version",
     "events_after",
     "get_edit",
@@ -269,7 +269,7 @@ def tensor_to_bytes(t: torch.Tensor) -> bytes:
 
 
 def bytes_to_matrix(blobs: Sequence[bytes], dim: int) -> torch.Tensor:
-    """[len(blobs), dim] float32 of vectors stored by `tensor_to_bytes`."""
+    """[len(blobs), dim] float32 of vectors stored by `tensor_to_bytes` (a new, writable tensor)."""
     import numpy as np
     import torch
 
@@ -282,9 +282,4 @@ def bytes_to_matrix(blobs: Sequence[bytes], dim: int) -> torch.Tensor:
 
 def bytes_to_tensor(b: bytes, dim: int) -> torch.Tensor:
     """The float32 vector of ``dim`` elements stored by `tensor_to_bytes` (a new, writable tensor)."""
-    import numpy as np
-    import torch
-
-    if len(b) != 4 * dim:
-        raise ValueError(f"vector has {len(b)} bytes, expected {4 * dim} for {dim} float32 values")
-    return torch.from_numpy(np.frombuffer(b, dtype="<f4").astype(np.float32))
+    return bytes_to_matrix([b], dim)[0]
