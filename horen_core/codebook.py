@@ -207,20 +207,7 @@ class Codebook:
             entry_id = self._next_entry_id
         if entry_id in self._entries:
             raise CorruptStateError(f"entry {entry_id} already exists")
-        self._next_entry_id = max(self._next_entry_id, entry_id + 1)
-        self._ensure_capacity(self._size + 1)
-        row = self._size
-        self._keys[row] = key
-        self._values[row] = value
-        self._size += 1
-        self._row_entry.append(entry_id)
-        self._row_of[entry_id] = row
-        self._set_row(entry_id, row)
-        self._entries[entry_id] = Entry(entry_id, tuple(int(t) for t in answer), [EntryVersion(edit_id)])
-        self._edit_entry[edit_id] = entry_id
-        self.generation += 1
-        self._row_ids = None
-        return CodebookChange(edit_id, entry_id, "created")
+        return self._append([edit_id], [entry_id], key[None], value[None], [tuple(int(t) for t in answer)])[0]
 
     def add_many(
         self,
@@ -253,14 +240,27 @@ class Codebook:
         values = values.detach().to(device=self.device, dtype=self.dtype)
         if not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
             raise CorruptStateError("add_many: a key or value contains NaN or infinity")
+        return self._append(edit_ids, entry_ids, torch.nn.functional.normalize(keys, dim=1), values, answers)
+
+    def _append(
+        self,
+        edit_ids: Sequence[int],
+        entry_ids: Sequence[int],
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        answers: Sequence[tuple[int, ...]],
+    ) -> list[CodebookChange]:
+        """Rows after the last for new entries, already checked (unit keys): what ``add`` and
+        ``add_many`` share."""
+        n = len(edit_ids)
         self._ensure_capacity(self._size + n)
         start = self._size
-        self._keys[start : start + n] = torch.nn.functional.normalize(keys, dim=1)
+        self._keys[start : start + n] = keys
         self._values[start : start + n] = values
         changes = []
         for i, (edit_id, entry_id) in enumerate(zip(edit_ids, entry_ids)):
             row = start + i
-            self._size = row + 1  # as add does before _set_row, which decides from the size
+            self._size = row + 1  # before _set_row, which decides from the size whether a table fits
             self._row_entry.append(entry_id)
             self._row_of[entry_id] = row
             self._set_row(entry_id, row)

@@ -387,9 +387,7 @@ class HorenEditor:
         """Mirror an edit trained elsewhere (a log replay or another replica) without retraining."""
         with self.lock:
             self._next_edit_id = max(self._next_edit_id, edit_id + 1)
-            try:
-                self.codebook.row_of(entry_id)
-            except KeyError:
+            if not self.codebook.has_entry(entry_id):
                 return self.codebook.add(edit_id, key, value, answer, entry_id=entry_id)
             if self.codebook.entry(entry_id).answer != tuple(answer):
                 raise CorruptStateError(f"edit {edit_id} retrains entry {entry_id} with another answer")
