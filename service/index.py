@@ -118,8 +118,8 @@ class _ShardedScan:
     the two vCPUs of this VM give 1.2-1.5x on it (one 500K shard alone 1.3-1.8 ms with its re-rank,
     both in parallel 1.8-3.2 ms), and the whole routing path at 1M keys went from 2.00 to 1.60 ms per
     query with two shards on an earlier, faster day. FAISS's threaded ``IndexShards`` did the same
-    with more overhead per search: same runs, single queries, 40K keys 2.64-2.84 ms vs 2.83-3.00 for the whole routing path, 1M keys
-    candidates 4.46-5.05 ms vs 4.58-5.19 (a slow day).
+    with more overhead per search: same runs, single queries, 40K keys 2.64-2.84 ms vs 2.83-3.00 for
+    the whole routing path, 1M keys candidates 4.46-5.05 ms vs 4.58-5.19 (a slow day).
     With ``refine`` each shard keeps the (reduced) vectors beside its codes (``IndexRefineFlat``, 4
     bytes per dimension) and re-ranks its share of the codes a search fetches by exact distance, in
     C++ on its own thread; the shards' best merge into one exact order.
