@@ -6,8 +6,9 @@
 #
 #   .whl/  (optional) wheels installed first into /tmp/site: the service's dependencies
 #   TOK    a folder holding <name>/tokenizer_config.json (default .gpu/tok; else .horen/converted)
+#   ONLY   (optional) space-separated step names to run, e.g. "env tests gpu_routing"; default all
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -15,12 +16,14 @@ PY=${PY:-python3}
 TOK=${TOK:-.gpu/tok}
 [ -d "$TOK" ] || TOK=.horen/converted
 if [ -d .whl ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
+ONLY=${ONLY:-}
 step() { # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.txt, keep going on failure
   local name=$1 limit=$2
   shift 2
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
   echo "== $name: $*" | tee "$OUT/$name.txt"
   local t0=$SECONDS
   timeout "$limit" "$@" >>"$OUT/$name.txt" 2>&1
@@ -30,15 +33,18 @@ step() { # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.txt
 step env 40 bash -c "nvidia-smi -L; $PY -c 'import torch, transformers, faiss, fastapi, sqlalchemy; \
 print(torch.__version__, torch.cuda.get_device_name(0), transformers.__version__, faiss.__version__, \
 \"faiss gpu:\", hasattr(faiss, \"StandardGpuResources\"))'"
-step tests 150 $PY -m pytest -q -p no:cacheprovider -m "not real_model and not postgres" --ignore=tests/deploy \
+step tests 150 "$PY" -m pytest -q -p no:cacheprovider -m "not real_model and not postgres" --ignore=tests/deploy \
   tests/horen_core tests/service
-step gpu_routing 150 $PY bench/gpu_routing.py --sizes 10000,100000,1000000
-step edit_8b 120 $PY bench/edit_speed.py --random-init llama3-8b --device cuda --n 10 --converted-dir "$TOK"
-step edit_135m 80 $PY bench/edit_speed.py --random-init llama-135m --device cuda --n 20 --converted-dir "$TOK"
+step gpu_routing 150 "$PY" bench/gpu_routing.py --sizes 10000,100000,1000000
+step edit_8b 120 "$PY" bench/edit_speed.py --random-init llama3-8b --device cuda --n 10 --converted-dir "$TOK"
+step edit_135m 80 "$PY" bench/edit_speed.py --random-init llama-135m --device cuda --n 20 --converted-dir "$TOK"
 RAND=/tmp/horen-random-135m
-step save_random 40 $PY -c "
+step save_random 40 "$PY" -c "
 import sys, torch; from pathlib import Path; sys.path.insert(0, 'bench')
 from edit_speed import random_model
 m, t = random_model('llama-135m', torch.device('cpu'), Path('$TOK'))
 m.save_pretrained('$RAND'); t.save_pretrained('$RAND'); print('saved')"
-step service_load 180 $PY bench/service_load.py --device cuda --model "$RAND"
+step service_load 180 "$PY" bench/service_load.py --device cuda --model "$RAND"
+# the CPU index at 1M keys on this host's cores (synthetic keys: timing, not agreement)
+step index_cpu_1m 120 "$PY" bench/index_bench.py --sizes 1000000 --queries 500 --unrelated 100 --timed 300 \
+  --exact-budget 5 --scan-threads 4
