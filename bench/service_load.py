@@ -92,22 +92,31 @@ def run_clients(url: str, clients: int, jobs_per_client: list[list[tuple[str, di
     return out
 
 
-def sequential_latency(urls: list[str], n: int, max_new_tokens: int) -> list[float]:
+def sequential_latency(urls: list[str], n: int, max_new_tokens: int) -> tuple[list[float], dict]:
     """Median /generate latency of each server, one request at a time, the servers taking turns on
-    the same prompts (so that a machine slowing down meanwhile slows them all alike)."""
+    the same prompts (so that a machine slowing down meanwhile slows them all alike). Also says how
+    alike the answers were: a latency ratio compares like with like only where the servers generated
+    the same text and no edit routed a prompt (else the lengths, hence the work, may differ)."""
     times: list[list[float]] = [[] for _ in urls]
+    answers: list[list[dict]] = [[] for _ in urls]
     clients = [httpx.Client(base_url=url, timeout=300) for url in urls]
     try:
         for i in range(n):
-            for c, t in zip(clients, times):
+            for c, t, a in zip(clients, times, answers):
                 t0 = time.perf_counter()
                 r = c.post("/generate", json={"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": max_new_tokens})
                 assert r.status_code == 200, r.text
                 t.append(time.perf_counter() - t0)
+                a.append(r.json())
     finally:
         for c in clients:
             c.close()
-    return [statistics.median(t[2:]) for t in times]  # the first calls warm caches
+    alike = {
+        "same_text": sum(len({a[i]["text"] for a in answers}) == 1 for i in range(n)),
+        "routed": [sum(x["edit_id"] is not None for x in a) for a in answers],
+        "requests": n,
+    }
+    return [statistics.median(t[2:]) for t in times], alike  # the first calls warm caches
 
 
 def insert_synthetic_entries(db_url: str, count: int) -> None:
@@ -210,19 +219,30 @@ def main() -> int:
         with httpx.Client(base_url=big.url, timeout=60) as c:
             summary["entries_loaded"] = c.get("/readyz").json()["detail"]["entries"]
         empty.start()
-        base_latency, big_latency = sequential_latency([empty.url, big.url], 12, args.max_new_tokens)
+        (base_latency, big_latency), alike = sequential_latency([empty.url, big.url], 12, args.max_new_tokens)
     finally:
         empty.stop()
         big.stop()
     summary["generate_latency_empty_ms"] = round(base_latency * 1000, 1)
     summary["generate_latency_with_entries_ms"] = round(big_latency * 1000, 1)
     summary["entries_latency_ratio"] = round(big_latency / base_latency, 3)
+    summary["latency_answers"] = {
+        "same_text": alike["same_text"],
+        "requests": alike["requests"],
+        "routed_empty": alike["routed"][0],
+        "routed_with_entries": alike["routed"][1],
+    }
 
     print(f"mixed load: {json.dumps(summary['mixed'])}")
     print(f"generate batched: {json.dumps(summary['generate_batched'])}")
     print(f"generate one-at-a-time: {json.dumps(summary['generate_one_at_a_time'])}")
     print(f"batching gain ratio (batched rps / one-at-a-time rps): {summary['batching_gain_ratio']}")
     print(f"generate latency ratio ({summary['entries_loaded']} entries / none): {summary['entries_latency_ratio']}")
+    la = summary["latency_answers"]
+    print(
+        f"  same text from both servers for {la['same_text']} of {la['requests']} prompts; routed by an edit: "
+        f"{la['routed_with_entries']} with the entries, {la['routed_empty']} without"
+    )
     print(json.dumps(summary))
     return 0
 
