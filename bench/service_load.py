@@ -4,13 +4,16 @@
 2. batching gain: concurrent /generate throughput with batching (HOREN_MAX_BATCH=16) over
    one-at-a-time (HOREN_MAX_BATCH=1), same prompts, printed as a ratio;
 3. /generate latency with 10,000 active codebook entries over the latency with none (ratio): a
-   server on those entries and one on an empty codebook, up at the same time, take turns.
+   server on those entries and one on an empty codebook, up at the same time, take turns (each
+   goes first in turn), beside a second empty server whose ratio to the first (the control) says
+   how far two like server processes differ on this machine.
 
 The 10,000 entries are written straight into the database (random unit keys, small values, each
 with its own edit row), then the server is restarted and rebuilds its codebook from the database
 exactly as in production; unrelated prompts are not routed, so this measures retrieval overhead.
 
     .venv/bin/python bench/service_load.py [--entries 10000] [--clients 8] [--requests 12]
+    .venv/bin/python bench/service_load.py --latency-only --turns 24   # only 3.
 """
 
 from __future__ import annotations
@@ -102,7 +105,8 @@ def sequential_latency(urls: list[str], n: int, max_new_tokens: int) -> tuple[li
     clients = [httpx.Client(base_url=url, timeout=300) for url in urls]
     try:
         for i in range(n):
-            for c, t, a in zip(clients, times, answers):
+            turn = list(zip(clients, times, answers))
+            for c, t, a in turn if i % 2 == 0 else turn[::-1]:  # neither server always goes first
                 t0 = time.perf_counter()
                 r = c.post("/generate", json={"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": max_new_tokens})
                 assert r.status_code == 200, r.text
@@ -161,12 +165,39 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--device", default="cpu", help="HOREN_DEVICE of the servers (cpu, cuda)")
     ap.add_argument("--model", default=None, help="HOREN_MODEL of the servers (default: the bundled SmolLM2)")
+    ap.add_argument("--turns", type=int, default=12, help="requests to each server in the latency comparison")
+    ap.add_argument("--latency-only", action="store_true", help="only the latency comparison (3.)")
     args = ap.parse_args()
     where = {"device": args.device, "model": args.model}
     tmp = Path(tempfile.mkdtemp(prefix="horen-load-"))
     db_url = f"sqlite:///{tmp / 'horen.db'}"
     summary: dict = {"device": args.device, "model": args.model or "bundled SmolLM2-135M-Instruct"}
 
+    if args.latency_only:
+        first = Server(db_url, tmp / "data", tmp / "server.log", **where)
+        first.start()  # creates the database and its codebook row
+        first.stop()
+    else:
+        load_phases(args, db_url, tmp, where, summary)
+    latency_phase(args, db_url, tmp, where, summary)
+    for name in ("mixed", "generate_batched", "generate_one_at_a_time"):
+        if name in summary:
+            print(f"{name.replace('_', ' ')}: {json.dumps(summary[name])}")
+    if "batching_gain_ratio" in summary:
+        print(f"batching gain ratio (batched rps / one-at-a-time rps): {summary['batching_gain_ratio']}")
+    print(f"generate latency ratio ({summary['entries_loaded']} entries / none): {summary['entries_latency_ratio']}")
+    print(f"  control: a second server with no entries over the first: {summary['control_latency_ratio']}")
+    la = summary["latency_answers"]
+    print(
+        f"  same text from the servers for {la['same_text']} of {la['requests']} prompts; routed by an edit: "
+        f"{la['routed_with_entries']} with the entries, {la['routed_empty']} without"
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+def load_phases(args: argparse.Namespace, db_url: str, tmp: Path, where: dict, summary: dict) -> None:
+    """1. and 2.: concurrent batched generation, mixed load, then one-at-a-time generation."""
     batched = Server(db_url, tmp / "data", tmp / "server.log", **where)
     batched.start()
     try:
@@ -208,6 +239,10 @@ def main() -> int:
         summary["generate_batched"]["rps"] / summary["generate_one_at_a_time"]["rps"], 2
     )
 
+
+def latency_phase(args: argparse.Namespace, db_url: str, tmp: Path, where: dict, summary: dict) -> None:
+    """3.: a server restarted on the entries, and two with an empty codebook (the second a control
+    for how much two like servers differ), up at once, taking turns."""
     insert_synthetic_entries(db_url, args.entries)
     big = Server(db_url, tmp / "data", tmp / "server-big.log", **where)
     t0 = time.perf_counter()
@@ -215,36 +250,29 @@ def main() -> int:
     summary["restart_to_ready_s_with_entries"] = round(time.perf_counter() - t0, 1)
     # the baseline: a server with an empty codebook (its own database), up at the same time
     empty = Server(f"sqlite:///{tmp / 'empty.db'}", tmp / "data", tmp / "server-empty.log", **where)
+    control = Server(f"sqlite:///{tmp / 'control.db'}", tmp / "data", tmp / "server-control.log", **where)
     try:
         with httpx.Client(base_url=big.url, timeout=60) as c:
             summary["entries_loaded"] = c.get("/readyz").json()["detail"]["entries"]
         empty.start()
-        (base_latency, big_latency), alike = sequential_latency([empty.url, big.url], 12, args.max_new_tokens)
+        control.start()
+        (base_latency, big_latency, control_latency), alike = sequential_latency(
+            [empty.url, big.url, control.url], args.turns, args.max_new_tokens
+        )
     finally:
+        control.stop()
         empty.stop()
         big.stop()
     summary["generate_latency_empty_ms"] = round(base_latency * 1000, 1)
     summary["generate_latency_with_entries_ms"] = round(big_latency * 1000, 1)
     summary["entries_latency_ratio"] = round(big_latency / base_latency, 3)
+    summary["control_latency_ratio"] = round(control_latency / base_latency, 3)
     summary["latency_answers"] = {
         "same_text": alike["same_text"],
         "requests": alike["requests"],
-        "routed_empty": alike["routed"][0],
+        "routed_empty": alike["routed"][0] + alike["routed"][2],
         "routed_with_entries": alike["routed"][1],
     }
-
-    print(f"mixed load: {json.dumps(summary['mixed'])}")
-    print(f"generate batched: {json.dumps(summary['generate_batched'])}")
-    print(f"generate one-at-a-time: {json.dumps(summary['generate_one_at_a_time'])}")
-    print(f"batching gain ratio (batched rps / one-at-a-time rps): {summary['batching_gain_ratio']}")
-    print(f"generate latency ratio ({summary['entries_loaded']} entries / none): {summary['entries_latency_ratio']}")
-    la = summary["latency_answers"]
-    print(
-        f"  same text from both servers for {la['same_text']} of {la['requests']} prompts; routed by an edit: "
-        f"{la['routed_with_entries']} with the entries, {la['routed_empty']} without"
-    )
-    print(json.dumps(summary))
-    return 0
 
 
 if __name__ == "__main__":
