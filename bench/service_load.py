@@ -165,7 +165,7 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--device", default="cpu", help="HOREN_DEVICE of the servers (cpu, cuda)")
     ap.add_argument("--model", default=None, help="HOREN_MODEL of the servers (default: the bundled SmolLM2)")
-    ap.add_argument("--turns", type=int, default=12, help="requests to each server in the latency comparison")
+    ap.add_argument("--turns", type=int, default=24, help="requests to each server in the latency comparison")
     ap.add_argument("--latency-only", action="store_true", help="only the latency comparison (3.)")
     args = ap.parse_args()
     where = {"device": args.device, "model": args.model}
@@ -187,6 +187,7 @@ def main() -> int:
         print(f"batching gain ratio (batched rps / one-at-a-time rps): {summary['batching_gain_ratio']}")
     print(f"generate latency ratio ({summary['entries_loaded']} entries / none): {summary['entries_latency_ratio']}")
     print(f"  control: a second server with no entries over the first: {summary['control_latency_ratio']}")
+    print(f"  the entries over the mean of both servers with none: {summary['entries_over_both_empty_ratio']}")
     la = summary["latency_answers"]
     print(
         f"  same text from the servers for {la['same_text']} of {la['requests']} prompts; routed by an edit: "
@@ -267,6 +268,7 @@ def latency_phase(args: argparse.Namespace, db_url: str, tmp: Path, where: dict,
     summary["generate_latency_with_entries_ms"] = round(big_latency * 1000, 1)
     summary["entries_latency_ratio"] = round(big_latency / base_latency, 3)
     summary["control_latency_ratio"] = round(control_latency / base_latency, 3)
+    summary["entries_over_both_empty_ratio"] = round(2 * big_latency / (base_latency + control_latency), 3)
     summary["latency_answers"] = {
         "same_text": alike["same_text"],
         "requests": alike["requests"],
