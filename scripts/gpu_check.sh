@@ -2,9 +2,13 @@
 # GPU checks for a CUDA host with PyTorch (e.g. a lent H100/H200, whose image has torch and transformers
 # but not the service's packages): the unit tests with the GPU-marked ones, bench/gpu_routing.py, the
 # random-init edit-speed benches (SmolLM2-135M and Llama-3-8B shapes) and bench/service_load.py on a
-# random SmolLM2-shaped model served from the GPU. Logs go to $OUT (default ./gpu-out), one per step.
+# random SmolLM2-shaped model served from the GPU, and the CPU index at 1M keys on the host's cores.
+# Logs go to $OUT (default ./gpu-out), one per step.
 #
-#   .whl/  (optional) wheels installed first into /tmp/site: the service's dependencies
+#   .whl/  (optional) wheels installed first into /tmp/site: the service's dependencies; on the lent
+#          image (eighth session) alembic, annotated-types, faiss-cpu, fastapi, mako, opentelemetry-api
+#          (fastapi 0.165 imports it), pydantic, pydantic-core, pydantic-settings, python-dotenv,
+#          sqlalchemy, starlette, typing-inspection and uvicorn, at the versions of .venv (26 MB)
 #   TOK    a folder holding <name>/tokenizer_config.json (default .gpu/tok; else .horen/converted)
 #   ONLY   (optional) space-separated step names to run, e.g. "env tests gpu_routing"; default all
 set -uo pipefail
