@@ -4,16 +4,18 @@
 2. batching gain: concurrent /generate throughput with batching (HOREN_MAX_BATCH=16) over
    one-at-a-time (HOREN_MAX_BATCH=1), same prompts, printed as a ratio;
 3. /generate latency with 10,000 active codebook entries over the latency with none (ratio): a
-   server on those entries and one on an empty codebook, up at the same time, take turns (each
-   goes first in turn), beside a second empty server whose ratio to the first (the control) says
-   how far two like server processes differ on this machine.
+   server on those entries and two on an empty codebook, up at the same time, take turns (each in
+   every place of the turn equally often). The second empty server is the control: its ratio to
+   the first says how far two like server processes differ here (up to 5-10% on this VM, more than
+   the entries cost; bench/generate_overhead.py measures that cost in one process). Printed: the
+   entries over the first empty server, and over the mean of both.
 
 The 10,000 entries are written straight into the database (random unit keys, small values, each
 with its own edit row), then the server is restarted and rebuilds its codebook from the database
 exactly as in production; unrelated prompts are not routed, so this measures retrieval overhead.
 
     .venv/bin/python bench/service_load.py [--entries 10000] [--clients 8] [--requests 12]
-    .venv/bin/python bench/service_load.py --latency-only --turns 24   # only 3.
+    .venv/bin/python bench/service_load.py --latency-only [--turns 24]   # only 3.
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ def sequential_latency(urls: list[str], n: int, max_new_tokens: int) -> tuple[li
     try:
         for i in range(n):
             turn = list(zip(clients, times, answers))
-            for c, t, a in turn if i % 2 == 0 else turn[::-1]:  # neither server always goes first
+            k = i % len(turn)  # each server takes each place in the turn equally often
+            for c, t, a in turn[k:] + turn[:k]:
                 t0 = time.perf_counter()
                 r = c.post("/generate", json={"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": max_new_tokens})
                 assert r.status_code == 200, r.text
