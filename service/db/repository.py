@@ -220,8 +220,13 @@ def list_edits(
     return list(items), int(total)
 
 
+def _active_in(codebook_id: int) -> tuple[Any, ...]:
+    """The conditions that select a codebook's active edits."""
+    return (Edit.codebook_id == codebook_id, Edit.status == EDIT_ACTIVE)
+
+
 def count_active_edits(session: Session, codebook_id: int) -> int:
-    stmt = select(func.count()).select_from(Edit).where(Edit.codebook_id == codebook_id, Edit.status == EDIT_ACTIVE)
+    stmt = select(func.count()).select_from(Edit).where(*_active_in(codebook_id))
     return int(session.scalar(stmt) or 0)
 
 
@@ -231,7 +236,7 @@ def active_edit_vectors(session: Session, codebook_id: int, chunk: int = 4096) -
     of many edits neither builds nor holds them all."""
     stmt = (
         select(Edit.id, Edit.entry_id, Edit.answer_ids, Edit.key, Edit.value)
-        .where(Edit.codebook_id == codebook_id, Edit.status == EDIT_ACTIVE)
+        .where(*_active_in(codebook_id))
         .order_by(Edit.id)
         .execution_options(yield_per=chunk)
     )
