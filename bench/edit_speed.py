@@ -131,6 +131,14 @@ def random_model(arch: str, device: torch.device, converted_dir: Path):
     return model, tokenizer
 
 
+def bench_model(random_init: str | None, model: str | None, device: torch.device, converted_dir: str | Path):
+    """(model, tokenizer): randomly initialised of the ``random_init`` shape, else the local
+    ``model`` (default: the bundled SmolLM2)."""
+    if random_init:
+        return random_model(random_init, device, Path(converted_dir))
+    return load_model(model, device=device, converted_dir=converted_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=30)
@@ -148,10 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     records = load_records(args.data, n=args.n, offset=args.offset)
     t0 = time.perf_counter()
-    if args.random_init:
-        model, tokenizer = random_model(args.random_init, device, Path(args.converted_dir))
-    else:
-        model, tokenizer = load_model(args.model, device=device, converted_dir=args.converted_dir)
+    model, tokenizer = bench_model(args.random_init, args.model, device, args.converted_dir)
     quality = args.random_init is None
     what = args.random_init or args.model or "bundled SmolLM2-135M-Instruct"
     print(f"model: {what} on {device} ({time.perf_counter() - t0:.1f} s to load), {len(records)} edits")

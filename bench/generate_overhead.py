@@ -25,11 +25,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from edit_speed import RANDOM_SHAPES, random_model  # noqa: E402
-from service_load import PROMPTS  # noqa: E402
+from edit_speed import RANDOM_SHAPES, bench_model  # noqa: E402
+from service_load import PROMPTS, synthetic_vectors  # noqa: E402
 
 from horen_core.editor import HorenEditor  # noqa: E402
-from horen_core.modeling import load_model  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -48,15 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--converted-dir", default=str(REPO / ".horen" / "converted"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    if args.random_init:
-        model, tokenizer = random_model(args.random_init, device, Path(args.converted_dir))
-    else:
-        model, tokenizer = load_model(args.model, device=str(device), converted_dir=args.converted_dir)
+    model, tokenizer = bench_model(args.random_init, args.model, device, args.converted_dir)
     editor = HorenEditor(model, tokenizer)
     cb = editor.codebook
-    g = torch.Generator().manual_seed(0)
-    keys = torch.nn.functional.normalize(torch.randn(args.entries, cb.key_dim, generator=g), dim=-1)
-    values = torch.randn(args.entries, cb.value_dim, generator=g) * 0.01
+    keys, values = synthetic_vectors(args.entries, cb.key_dim, cb.value_dim)
     ids = list(range(1, args.entries + 1))
     cb.add_many(ids, keys, values, [[100]] * args.entries, ids)
 
@@ -78,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             same += out["routed"].text == out["pass_through"].text
             routed_any += out["routed"].entry_id is not None
 
+    g = torch.Generator().manual_seed(1)
     queries = torch.nn.functional.normalize(torch.randn(32, cb.key_dim, generator=g), dim=-1).to(cb.device)
     route_ms = []
     for q in queries:

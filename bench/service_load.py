@@ -126,6 +126,15 @@ def sequential_latency(urls: list[str], n: int, max_new_tokens: int) -> tuple[li
     return [statistics.median(t[2:]) for t in times], alike  # the first calls warm caches
 
 
+def synthetic_vectors(count: int, key_dim: int, value_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` random unit keys and small values (seeded): entries that unrelated prompts do not
+    route to, so that a comparison measures only the cost of having them."""
+    g = torch.Generator().manual_seed(0)
+    keys = torch.nn.functional.normalize(torch.randn(count, key_dim, generator=g), dim=-1)
+    values = torch.randn(count, value_dim, generator=g) * 0.01
+    return keys, values
+
+
 def insert_synthetic_entries(db_url: str, count: int) -> None:
     from sqlalchemy import select
 
@@ -137,9 +146,7 @@ def insert_synthetic_entries(db_url: str, count: int) -> None:
     sessions = make_session_factory(engine)
     with sessions.begin() as s:
         cb = s.scalars(select(Codebook)).one()
-        g = torch.Generator().manual_seed(0)
-        keys = torch.nn.functional.normalize(torch.randn(count, cb.key_dim, generator=g), dim=-1)
-        values = torch.randn(count, cb.value_dim, generator=g) * 0.01
+        keys, values = synthetic_vectors(count, cb.key_dim, cb.value_dim)
         for i in range(count):
             repo.insert_edit(
                 s,
