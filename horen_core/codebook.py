@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from horen_core.errors import CorruptStateError, UnknownEditError
+from horen_core.hugepages import advise_tensor
 
 _GROW_ROWS = 1024  # capacity grows by fixed chunks, so slack stays below one chunk
 # the entry id -> row table is kept while ids stay below SLACK x rows + MIN
@@ -176,7 +177,9 @@ class Codebook:
         if rows <= self._keys.shape[0]:
             return
         cap = ((rows + _GROW_ROWS - 1) // _GROW_ROWS) * _GROW_ROWS
-        keys = torch.zeros(cap, self.key_dim, device=self.device, dtype=self.dtype)
+        keys = torch.empty(cap, self.key_dim, device=self.device, dtype=self.dtype)
+        advise_tensor(keys)  # routing reads scattered rows: huge pages, asked for before the first write
+        keys[self._size :].zero_()
         values = torch.zeros(cap, self.value_dim, device=self.device, dtype=self.dtype)
         keys[: self._size] = self._keys[: self._size]
         values[: self._size] = self._values[: self._size]

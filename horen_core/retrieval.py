@@ -5,9 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 _TIE = 1e-6  # cosines this close are the same key (float noise of identical prompts)
+# up to this many queries routed over their candidates on the CPU go through numpy, one by one: the
+# same arithmetic without torch's per-call overhead, which is most of a small routing (one query, 32
+# keys, 1M-key codebook, after the index's search: 0.28-0.33 ms in torch, 0.08-0.10 in numpy)
+_HOST_QUERIES = 8
 
 
 def _gather(keys: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -95,6 +100,8 @@ class HopfieldRetriever:
             return Routing(none, torch.zeros(b, device=queries.device, dtype=queries.dtype))
         queries = queries.to(keys.dtype)
         candidates, sub = self._nearest(queries, keys, candidates)
+        if candidates is not None and b <= _HOST_QUERIES and keys.device.type == "cpu" and keys.dtype == torch.float32:
+            return self._route_host(queries, keys, candidates, order)
         if candidates is None:
             q = self.refine(queries, keys)
             s = self._scores(q, keys)
@@ -121,3 +128,39 @@ class HopfieldRetriever:
         rows = rows_of.gather(1, pos[:, None]).squeeze(1) if rows_of is not None else pos
         hit = scores >= self.threshold
         return Routing(torch.where(hit, rows, none), scores)
+
+    def _route_host(
+        self, queries: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor, order: torch.Tensor | None
+    ) -> Routing:
+        """``route`` over per-query ``candidates`` (at most ``support`` each, -1 pads) for a few
+        queries on the CPU, in numpy, query by query; the float32 arithmetic of the torch path."""
+        k_all = keys.detach().numpy()
+        prio = None if order is None else order.detach().cpu().numpy()
+        out_rows, out_scores = [], []
+        for q, rows in zip(queries.detach().numpy(), candidates.cpu().numpy()):
+            valid = rows >= 0
+            if not valid.all():
+                rows = rows[valid]
+            if not len(rows):
+                out_rows.append(-1)
+                out_scores.append(float("-inf"))
+                continue
+            sub = k_all[rows]  # [k, d]
+            for _ in range(self.steps):
+                logits = (sub @ q) * np.float32(self.beta)
+                attn = np.exp(logits - logits.max())
+                recalled = (attn / attn.sum()) @ sub
+                recalled /= max(float(np.sqrt(recalled @ recalled)), 1e-12)
+                q = q + np.float32(self.alpha) * (recalled - q)  # torch.lerp
+                q /= max(float(np.sqrt(q @ q)), 1e-12)
+            s = sub @ q
+            pos = int(s.argmax())
+            score = float(s[pos])
+            if prio is not None:
+                tied = np.nonzero(s >= np.float32(score - _TIE))[0]
+                if len(tied) > 1:  # identical keys: the larger ``order`` wins, as in the torch path
+                    pos = int(tied[prio[rows[tied]].argmax()])
+                    score = float(s[pos])
+            out_rows.append(int(rows[pos]) if score >= self.threshold else -1)
+            out_scores.append(score)
+        return Routing(torch.tensor(out_rows, dtype=torch.long), torch.tensor(out_scores, dtype=keys.dtype))

@@ -65,3 +65,31 @@ def test_candidates_holding_the_nearest_keys_route_like_exhaustive_search():
     assert (exact.rows[: len(keys[::40])] >= 0).float().mean() > 0.9
     missing = cos.topk(33, dim=-1).indices[:, 1:]  # the nearest key left out: routes elsewhere or nowhere
     assert not torch.equal(r.route(queries, keys, missing).rows, exact.rows)
+
+
+def test_a_few_queries_on_the_cpu_route_as_a_batch_does():
+    """Up to _HOST_QUERIES queries take the numpy path; a larger batch the torch one. Both must agree,
+    padding, identical keys (the larger order wins) and the threshold included."""
+    from horen_core.retrieval import _HOST_QUERIES
+
+    keys = torch.cat([bulk_keys(2000, seed=8), bulk_keys(100, seed=9, shared=0.9)])
+    keys[5] = keys[7]  # the same prompt edited twice
+    unrelated = F.normalize(torch.randn(6, DIM, generator=torch.Generator().manual_seed(11)), dim=-1)
+    queries = torch.cat([near(keys[::50], 0.86, seed=10), keys[5:6], unrelated])
+    assert len(queries) > _HOST_QUERIES
+    order = torch.arange(len(keys)).flip(0)  # row 5 outranks row 7
+    cos = queries @ keys.T
+    pads = torch.full((len(queries), 4), -1)
+    for r in (retriever(32), HopfieldRetriever(alpha=0.3, beta=10.0, steps=3, threshold=0.9, support=16)):
+        for candidates in (None, torch.cat([cos.topk(40, dim=-1).indices, pads], dim=1)):
+            batch = r.route(queries, keys, candidates, order=order)
+            for i in range(len(queries)):
+                one = r.route(
+                    queries[i : i + 1], keys, None if candidates is None else candidates[i : i + 1], order=order
+                )
+                assert int(one.rows[0]) == int(batch.rows[i])
+                assert abs(float(one.scores[0]) - float(batch.scores[i])) < 1e-5
+            assert int(batch.rows[len(keys[::50])]) == 5
+            assert 0 < int((batch.rows >= 0).sum()) < len(queries)
+    nothing = r.route(queries[:2], keys, torch.full((2, 8), -1))
+    assert torch.equal(nothing.rows, torch.tensor([-1, -1]))

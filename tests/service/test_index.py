@@ -3,6 +3,9 @@ key, removals and codebook changes are mirrored, and prefiltered routing equals 
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -422,3 +425,32 @@ def test_gpu_flat_index_finds_exact_top1():
     assert (found[:, 0] == exact_top1(q, keys, ids)).all()
     index.remove(ids[::5])
     assert not np.isin(index.search(keys[::5]), ids[::5]).any()
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(
+    not THP.exists() or "[never]" in THP.read_text(), reason="needs Linux with transparent huge pages not disabled"
+)
+def test_the_re_rank_vectors_sit_on_huge_pages_after_a_build_and_after_growing():
+    from tests.horen_core.test_hugepages import huge_bytes
+
+    index = KeyIndex(DIM, min_keys=0, pq_min_keys=1000, scan_threads=2, top_k=32, scan_k=256)
+    n = 80_000  # 40K keys of 1 KB per shard: 40 MB of re-rank vectors each
+    keys = clustered_keys(n, seed=30)
+    index.rebuild(np.arange(n), keys)
+
+    def refine_vectors() -> list[torch.Tensor]:
+        out = []
+        for refiner in index._index._refiners:
+            flat = faiss.downcast_index(refiner.refine_index)
+            raw = faiss.rev_swig_ptr(flat.codes.data(), flat.ntotal * flat.code_size)
+            out.append(torch.from_numpy(raw))
+        return out
+
+    assert all(huge_bytes(v) >= 24 << 20 for v in refine_vectors())
+    index.add(np.arange(n, 2 * n), clustered_keys(n, seed=31))  # the vectors reallocate as they grow
+    assert all(huge_bytes(v) >= 48 << 20 for v in refine_vectors())
+    q = paraphrases(keys[:50], seed=32)
+    assert (index.search(q)[:, 0] == np.arange(50)).mean() > 0.9
