@@ -412,7 +412,7 @@ class KeyIndex:
             ids = self.search(queries.detach().to(torch.float32).cpu().numpy())
             # -1 padding and entries removed since the index saw them map to -1
             rows = codebook.rows_of(torch.from_numpy(ids))
-            if (rows < 0).all(dim=1).any():
+            if (rows.numpy() < 0).all(axis=1).any():
                 return None
             if 0 < support < rows.shape[1]:
                 nearest = self._nearest_rows(codebook.keys, queries, rows, support)
