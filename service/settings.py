@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     # retries of an edit whose codebook entry was changed concurrently by another replica
     conflict_retries: int = Field(default=3, ge=0)
     # codebook size from which the FAISS prefilter is used (exact search below it)
-    index_min_keys: int = Field(default=16384, ge=0)
+    index_min_keys: int = Field(default=4096, ge=0)
     # candidates the FAISS prefilter scores against the full keys per query; routing attends the
     # nearest hopfield_support (32) of them by exact cosine, so more than that makes up for PCA/PQ blur
     # (1M keys, real queries: 512 agreed with exact routing on 0.9991-0.9994, 256 on 0.9988, at
