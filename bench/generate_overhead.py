@@ -5,6 +5,8 @@ clear the threshold against them, so every generation is the same text either wa
 are generated alternately with routing (``edited=True``, over every key) and without it
 (``edited=False``: the layer passes through), and the routing call alone is timed over the same
 queries; the ratio of the medians is the latency cost of the entries where nothing is routed.
+Routing goes through the service's ``KeyIndex`` with its defaults, as ``horen serve`` routes (from
+4,096 keys on the CPU; none on a GPU without FAISS's GPU build); ``--no-index`` routes exhaustively.
 
     .venv/bin/python bench/generate_overhead.py [--entries 10000] [--device cpu]
     python3 bench/generate_overhead.py --random-init llama-135m --device cuda   # a GPU host
@@ -29,6 +31,7 @@ from edit_speed import RANDOM_SHAPES, bench_model  # noqa: E402
 from service_load import PROMPTS, synthetic_vectors  # noqa: E402
 
 from horen_core.editor import HorenEditor  # noqa: E402
+from service.index import KeyIndex  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-init", choices=sorted(RANDOM_SHAPES), default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--converted-dir", default=str(REPO / ".horen" / "converted"))
+    p.add_argument("--no-index", action="store_true", help="route exhaustively, without the service's KeyIndex")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     model, tokenizer = bench_model(args.random_init, args.model, device, args.converted_dir)
@@ -53,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     keys, values = synthetic_vectors(args.entries, cb.key_dim, cb.value_dim)
     ids = list(range(1, args.entries + 1))
     cb.add_many(ids, keys, values, [[100]] * args.entries, ids)
+    index_kind = "none (--no-index)"
+    if not args.no_index:
+        index = KeyIndex(cb.key_dim, use_gpu=device.type == "cuda")
+        index.sync(cb)
+        editor.candidate_provider = index.candidate_provider(cb, editor.retriever.support)
+        index_kind = index.kind
 
     times: dict[str, list[float]] = {"routed": [], "pass_through": []}
     same, routed_any = 0, 0
@@ -87,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(device),
         "model": args.random_init or args.model or "bundled SmolLM2-135M-Instruct",
         "entries": len(cb),
+        "index": index_kind,
         "max_new_tokens": args.max_new_tokens,
         "generate_ms_median": {k: round(v, 1) for k, v in med.items()},
         "ratio_routed_over_pass_through": round(med["routed"] / med["pass_through"], 3),
@@ -95,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         "routed_by_an_entry": routed_any,
     }
     print(
-        f"{result['entries']} entries on {device}: generate {med['routed']:.1f} ms routed vs "
+        f"{result['entries']} entries on {device} (index {index_kind}): generate {med['routed']:.1f} ms routed vs "
         f"{med['pass_through']:.1f} ms passing through (ratio {result['ratio_routed_over_pass_through']}); "
         f"routing one query {result['route_one_query_ms_median']} ms; same text {result['same_text']}"
     )
