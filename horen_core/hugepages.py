@@ -44,7 +44,7 @@ def advise(address: int, nbytes: int, collapse: bool = False) -> bool:
 
     Advised before the memory is first written, its page faults take huge pages; ``collapse`` also
     moves pages already written (synchronous: about 0.7 s per GB here). True when the kernel took
-    the advice (it may still have no huge page to give)."""
+    all the advice asked for (it may still have no huge page to give on a fault)."""
     madvise = _madvise()
     start = -(-address // HUGE_PAGE) * HUGE_PAGE
     end = (address + nbytes) // HUGE_PAGE * HUGE_PAGE
@@ -52,8 +52,8 @@ def advise(address: int, nbytes: int, collapse: bool = False) -> bool:
         return False
     if madvise(start, end - start, _MADV_HUGEPAGE) != 0:
         return False
-    if collapse:
-        madvise(start, end - start, _MADV_COLLAPSE)  # EINVAL before 6.1, EAGAIN when memory is short: fine
+    if collapse:  # EINVAL before Linux 6.1, EAGAIN when memory is short: the pages stay small, no harm
+        return madvise(start, end - start, _MADV_COLLAPSE) == 0
     return True
 
 
