@@ -161,20 +161,27 @@ class _ShardedScan:
                 start += m
         self.ntotal += len(x)
 
+    def refine_vectors(self) -> list[np.ndarray]:
+        """Each shard's re-rank vectors as they lie in FAISS's memory (bytes, a view, no copy)."""
+        out = []
+        for refiner in self._refiners:
+            flat = faiss.downcast_index(refiner.refine_index)
+            nbytes = flat.ntotal * flat.code_size
+            out.append(faiss.rev_swig_ptr(flat.codes.data(), nbytes) if nbytes else np.empty(0, np.uint8))
+        return out
+
     def advise_huge_pages(self) -> None:
         """Put each shard's re-rank vectors (1 KB per key, read at the thousands of rows a search
         fetches) on huge pages, when they have moved (a growing FAISS vector reallocates) or grown
         by half since last time (``horen_core.hugepages``; about 0.7 s per GB, so rarely)."""
-        for i, refiner in enumerate(self._refiners):
-            flat = faiss.downcast_index(refiner.refine_index)
-            nbytes = flat.ntotal * flat.code_size
-            if not nbytes:
+        for i, vectors in enumerate(self.refine_vectors()):
+            if not vectors.nbytes:
                 continue
-            address = faiss.rev_swig_ptr(flat.codes.data(), nbytes).ctypes.data
+            address = vectors.ctypes.data
             done_at, done_bytes = self._advised[i]
-            if address != done_at or nbytes > done_bytes * 3 // 2:
-                hugepages.advise(address, nbytes, collapse=True)
-                self._advised[i] = (address, nbytes)
+            if address != done_at or vectors.nbytes > done_bytes * 3 // 2:
+                hugepages.advise(address, vectors.nbytes, collapse=True)
+                self._advised[i] = (address, vectors.nbytes)
 
     def search(self, x: np.ndarray, k: int, fetch: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest; with ``refine``, of about ``fetch`` codes in all re-ranked exactly."""

@@ -12,10 +12,11 @@ from horen_core import hugepages
 from horen_core.codebook import Codebook
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-pytestmark = pytest.mark.skipif(
+needs_thp = pytest.mark.skipif(
     not sys.platform.startswith("linux") or not THP.exists() or "[never]" in THP.read_text(),
     reason="needs Linux with transparent huge pages not disabled",
 )
+pytestmark = needs_thp
 
 
 def huge_bytes(t: torch.Tensor) -> int:

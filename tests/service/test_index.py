@@ -3,9 +3,6 @@ key, removals and codebook changes are mirrored, and prefiltered routing equals 
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -14,6 +11,7 @@ import torch.nn.functional as F
 from horen_core.codebook import Codebook
 from horen_core.retrieval import HopfieldRetriever
 from service.index import KeyIndex
+from tests.horen_core.test_hugepages import collapse_supported, huge_bytes, needs_thp
 
 DIM = 256
 
@@ -427,15 +425,8 @@ def test_gpu_flat_index_finds_exact_top1():
     assert not np.isin(index.search(keys[::5]), ids[::5]).any()
 
 
-THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
-@pytest.mark.skipif(
-    not THP.exists() or "[never]" in THP.read_text(), reason="needs Linux with transparent huge pages not disabled"
-)
+@needs_thp
 def test_the_re_rank_vectors_sit_on_huge_pages_after_a_build_and_after_growing():
-    from tests.horen_core.test_hugepages import collapse_supported, huge_bytes
-
     if not collapse_supported():
         pytest.skip("kernel without MADV_COLLAPSE: written vectors reach huge pages only in the background")
     index = KeyIndex(DIM, min_keys=0, pq_min_keys=1000, scan_threads=2, top_k=32, scan_k=256)
@@ -444,12 +435,7 @@ def test_the_re_rank_vectors_sit_on_huge_pages_after_a_build_and_after_growing()
     index.rebuild(np.arange(n), keys)
 
     def refine_vectors() -> list[torch.Tensor]:
-        out = []
-        for refiner in index._index._refiners:
-            flat = faiss.downcast_index(refiner.refine_index)
-            raw = faiss.rev_swig_ptr(flat.codes.data(), flat.ntotal * flat.code_size)
-            out.append(torch.from_numpy(raw))
-        return out
+        return [torch.from_numpy(v) for v in index._index.refine_vectors()]
 
     assert all(huge_bytes(v) >= 24 << 20 for v in refine_vectors())
     index.add(np.arange(n, 2 * n), clustered_keys(n, seed=31))  # the vectors reallocate as they grow
