@@ -13,17 +13,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import StoppingCriteria
 
 from horen_core.codebook import Codebook, CodebookChange
 from horen_core.config import HorenConfig
 from horen_core.errors import CorruptStateError, InvalidInputError
 from horen_core.layer import HorenLayer, InjectPlan, RoutePlan, activate, compute_queries
 from horen_core.modeling import ModelAdapter, model_fingerprint, module_dims
+from horen_core.prompting import ChatFormat, Rendered, resolve_question
 from horen_core.retrieval import HopfieldRetriever
 
 CandidateProvider = Callable[[torch.Tensor], torch.Tensor | None]
@@ -89,6 +91,7 @@ class HorenEditor:
         self.max_context = int(
             getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
         )
+        self.chat = ChatFormat(tokenizer)
         self.lock = threading.RLock()
         self._next_edit_id = 1
         self._prefix_cache_ok: bool | None = None  # checked on the first fast-path edit
@@ -141,6 +144,16 @@ class HorenEditor:
     def _route_plan(self, prompt_mask: torch.Tensor) -> RoutePlan:
         return RoutePlan(self.layer, prompt_mask, self._router, self.config.query_strategy, self.config.query_fraction)
 
+    def _question_mask(self, seqs: Sequence[Sequence[int]], lengths: Sequence[int], width: int) -> torch.Tensor:
+        """[B, width] 1 at each left-padded row's question tokens: the span ``self.chat`` finds in
+        its first ``lengths[i]`` tokens (the whole prompt unless it is chat-formatted)."""
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, (s, n) in enumerate(zip(seqs, lengths)):
+            a, b = self.chat.span(s[:n])
+            off = width - len(s)
+            mask[i, off + a : off + b] = 1
+        return mask.to(self.input_device)
+
     def _pad_left(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         t = max(len(s) for s in seqs)
         pad = self.tokenizer.pad_token_id
@@ -159,31 +172,49 @@ class HorenEditor:
         temperature: float = 0.0,
         edited: bool = True,
         prompt_ids: Sequence[Sequence[int]] | None = None,
+        min_new_tokens: int = 0,
     ) -> list[Generation]:
-        """Generate continuations for a batch; each row is routed on its own, once, in the prefill."""
+        """Generate continuations for a batch; each row is routed on its own, once, in the prefill.
+
+        A routed row runs with its edit's value until the text states the edit's target; from
+        there the unedited model continues it (the prompt and the text so far prefilled again
+        without the value), so what follows the edited fact reads as the model's own text."""
         seqs = (
             [list(s) for s in prompt_ids]
             if prompt_ids is not None
             else [self.encode_prompt(p, reserve=max_new_tokens) for p in prompts]
         )
-        ids, mask = self._pad_left(seqs)
         gen_kwargs = {
-            "max_new_tokens": max_new_tokens,
             "do_sample": temperature > 0,
             "pad_token_id": self.tokenizer.pad_token_id,
         }
         if temperature > 0:
             gen_kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+        ids, mask = self._pad_left(seqs)
+        budget = max_new_tokens
         with self.lock:
-            plan = self._route_plan(mask)
+            plan = self._route_plan(self._question_mask(seqs, [len(q) for q in seqs], ids.shape[1]))
+            stop = _TargetStated(self, plan, ids.shape[1])
+            kwargs = {**gen_kwargs, "max_new_tokens": budget, "min_new_tokens": min(min_new_tokens, budget)}
             if edited:
                 with activate(plan):
-                    out = self.model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+                    out = self.model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=[stop], **kwargs)
             else:
-                out = self.model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+                out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
             owners = [self.codebook.owner_edit(e) if e is not None else None for e in plan.entry_ids]
-        new = out[:, ids.shape[1] :].tolist()
-        eos = self.tokenizer.eos_token_id
+            new = out[:, ids.shape[1] :].tolist()
+            eos = self.tokenizer.eos_token_id
+            for i, n in stop.stated.items():
+                new[i] = new[i][:n]
+            rest = [i for i, n in stop.stated.items() if n < budget]
+            if rest:  # hand the rows that stated their target to the unedited model
+                more, more_mask = self._pad_left([seqs[i] + new[i] for i in rest])
+                left = max(budget - len(new[i]) for i in rest)
+                floor = max(min_new_tokens - min(len(new[i]) for i in rest), 0)
+                kwargs = {**gen_kwargs, "max_new_tokens": left, "min_new_tokens": min(floor, left)}
+                tail = self.model.generate(input_ids=more, attention_mask=more_mask, **kwargs)
+                for row, i in enumerate(rest):
+                    new[i] = new[i] + tail[row, more.shape[1] :].tolist()[: budget - len(new[i])]
         results = []
         for i, toks in enumerate(new):
             if eos is not None and eos in toks:
@@ -206,11 +237,7 @@ class HorenEditor:
         ``prompt_lengths[i]`` tokens of each row. Returns (logits, attention mask, routed entries);
         with ``keep_last`` > 0 only the last that many positions' logits are computed."""
         ids, mask = self._pad_left(seqs)
-        prompt_mask = mask.clone()
-        t = ids.shape[1]
-        for i, (s, n) in enumerate(zip(seqs, prompt_lengths)):
-            start = t - len(s)
-            prompt_mask[i, start + n :] = 0
+        prompt_mask = self._question_mask(seqs, prompt_lengths, ids.shape[1])
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": self._positions(mask)}
         if keep_last:
             kwargs["logits_to_keep"] = keep_last
@@ -228,16 +255,25 @@ class HorenEditor:
         return (mask.cumsum(dim=1) - 1).clamp(min=0)
 
     # ---- editing ----------------------------------------------------------------------------
-    def edit(self, prompt: str, target: str, edit_id: int | None = None, apply: bool = True) -> EditResult:
+    def edit(
+        self, prompt: str, target: str, edit_id: int | None = None, apply: bool = True, fmt: str = "auto"
+    ) -> EditResult:
         """Insert prompt -> target: reuse the key the prompt matches when its answer is the same,
         otherwise add a key; train the value until greedy decoding reproduces the target.
+
+        ``fmt`` says how ``prompt`` is written: ``plain`` text, ``chat`` (the user message, or a prompt
+        already in the chat template), or ``auto`` (chat when it is in the template). Either way the
+        question is trained in every context the model has (plain, and its chat template when the
+        tokenizer has one), the key is the unit mean of its queries in those contexts, and the
+        text after the target is held to the unedited model's own continuation.
 
         With ``apply=False`` the codebook is left unchanged (``entry_id`` is the reused entry or
         None for a new one); the caller persists the result first and then calls ``apply_version``.
         """
         t0 = time.perf_counter()
-        target_ids = self.encode_target(target)
-        prompt_ids = self.encode_prompt(prompt, reserve=len(target_ids))
+        question, _ = resolve_question(self.chat, prompt, fmt)
+        contexts = self._contexts(question, target)
+        target_ids = contexts[0].target
         with self.lock:
             if edit_id is None:
                 edit_id = max(self._next_edit_id, max(self.codebook.edit_ids(), default=0) + 1)
@@ -245,20 +281,16 @@ class HorenEditor:
                 self._next_edit_id = max(self._next_edit_id, edit_id + 1)
             if apply and self.codebook.entry_of_edit(edit_id) is not None:
                 raise InvalidInputError(f"edit id {edit_id} is already in use")
-            seq = prompt_ids + target_ids[:-1]
-            p = len(prompt_ids) - 1
-            ids = torch.tensor([seq], device=self.input_device)
-            prompt_mask = torch.zeros_like(ids)
-            prompt_mask[0, : len(prompt_ids)] = 1
-            hidden = self._lower_pass(ids)
-            capture = hidden["x"]
-            query = compute_queries(capture, prompt_mask, self.config.query_strategy, self.config.query_fraction)[0]
+            self._add_continuations(contexts)
+            for ctx in contexts:
+                self._prepare(ctx)
+            query = F.normalize(torch.stack([c.query for c in contexts]).mean(0), dim=-1)
             _, entry_ids, _ = self._router(query[None])
             reuse = entry_ids[0]
             if reuse is not None and self.codebook.entry(reuse).answer != tuple(target_ids):
                 reuse = None  # a conflicting edit gets its own key
             init = self.codebook.values[self.codebook.row_of(reuse)].clone() if reuse is not None else None
-            value, steps, loss = self._train_value(ids, p, target_ids, hidden.get("h"), init)
+            value, steps, loss = self._train_value(contexts, init)
             entry_id = reuse
             if apply:
                 if reuse is None:
@@ -277,9 +309,73 @@ class HorenEditor:
             answer=tuple(target_ids),
         )
 
+    def _contexts(self, question: str, target: str) -> list[_Context]:
+        """The question in each format it is trained in: plain first (its target tokens are the
+        entry's answer), then the chat template when there is one."""
+        target_ids = self.encode_target(target)
+        plain = self.encode_prompt(question, reserve=len(target_ids))
+        out = [_Context(Rendered(plain, 0, len(plain)), target_ids)]
+        if self.chat.available and self.config.chat_context and not self.config.reference_procedure:
+            reply = self.tokenizer(target.strip(), add_special_tokens=False)["input_ids"]
+            rendered = self.chat.render(question)
+            if reply and len(rendered.ids) + len(reply) + self.config.continuation_tokens <= self.max_context:
+                out.append(_Context(rendered, list(reply)))
+        return out
+
     @torch.no_grad()
-    def _lower_pass(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One unedited forward that records the edited layer's input and its decoder layer's output."""
+    def _add_continuations(self, contexts: list[_Context]) -> None:
+        """The unedited model's greedy continuation of each prompt + target, with its log-probs:
+        what the text after the edited fact should stay close to. One token comes free with the
+        lower pass (``_prepare``); only longer continuations are generated here."""
+        k = self._continuation_tokens()
+        if k <= 1:
+            return
+        seqs = [c.rendered.ids + c.target for c in contexts]
+        ids, mask = self._pad_left(seqs)
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=k,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        logp = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # [B, k, V]
+        eos = self.tokenizer.eos_token_id
+        for i, ctx in enumerate(contexts):
+            toks = out.sequences[i, ids.shape[1] :].tolist()
+            if eos is not None and eos in toks:
+                toks = toks[: toks.index(eos) + 1]  # the end of the answer is part of what to keep
+            ctx.continuation = toks
+            ctx.continuation_logp = logp[i, : len(toks)].to(self.device)
+
+    def _continuation_tokens(self) -> int:
+        return 0 if self.config.reference_procedure else self.config.continuation_tokens
+
+    def _prepare(self, ctx: _Context) -> None:
+        """Run the unedited model once on the training sequence: the query over the question's
+        span, the hidden states training starts from and, for a one-token continuation, the next
+        token's distribution after the target."""
+        r = ctx.rendered
+        one = self._continuation_tokens() == 1
+        cont = ctx.continuation
+        ctx.ids = r.ids + ctx.target if one else (r.ids + ctx.target + cont[:-1] if cont else r.ids + ctx.target[:-1])
+        ids = torch.tensor([ctx.ids], device=self.input_device)
+        span = torch.zeros_like(ids)
+        span[0, r.start : r.end] = 1
+        found = self._lower_pass(ids, full=one)
+        ctx.hidden = found.get("h")
+        ctx.query = compute_queries(found["x"], span, self.config.query_strategy, self.config.query_fraction)[0]
+        if one:
+            logp = found["logits"][0, -1:].float().log_softmax(-1)
+            ctx.continuation = [int(logp[0].argmax())]
+            ctx.continuation_logp = logp.to(self.device)
+
+    @torch.no_grad()
+    def _lower_pass(self, ids: torch.Tensor, full: bool = False) -> dict[str, torch.Tensor]:
+        """One unedited forward that records the edited layer's input and its decoder layer's
+        output; it stops above the edited layer unless ``full`` asks for the logits too."""
         plan = InjectPlan(self.layer, capture=True)
         found: dict[str, torch.Tensor] = {}
         handle = None
@@ -287,12 +383,15 @@ class HorenEditor:
 
             def hook(_module, _inputs, output):
                 found["h"] = (output[0] if isinstance(output, tuple) else output).detach()
-                raise _StopForward
+                if not full:
+                    raise _StopForward
 
             handle = self.adapter.layers[self.adapter.layer_index].register_forward_hook(hook)
         try:
             with activate(plan):
-                self.model(input_ids=ids)
+                out = self.model(input_ids=ids, logits_to_keep=1) if full else self.model(input_ids=ids)
+            if full:
+                found["logits"] = out.logits
         except _StopForward:
             pass  # nothing above the edited layer is needed from this pass
         finally:
@@ -301,50 +400,65 @@ class HorenEditor:
         found["x"] = plan.captured
         return found
 
-    def _train_value(
-        self,
-        ids: torch.Tensor,
-        p: int,
-        target_ids: list[int],
-        hidden: torch.Tensor | None,
-        init: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, int, float]:
+    def _train_value(self, contexts: list[_Context], init: torch.Tensor | None) -> tuple[torch.Tensor, int, float]:
+        """One value for every context: cross-entropy on the target tokens plus, weighted, the KL
+        from the unedited model's continuation after them. Stops once every context decodes the
+        target greedily with mean NLL under ``stop_loss`` and the continuation's KL is under
+        ``continuation_kl``."""
         cfg = self.config
         dv = self.codebook.value_dim
         value = (init.clone() if init is not None else torch.zeros(dv, device=self.device)).float()
         value.requires_grad_(True)
         opt = torch.optim.Adam([value], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
-        target = torch.tensor(target_ids, device=self.device)
-        m = len(target_ids)
-        forward = self._step_forward(ids, p, m, hidden)
         steps, loss_value = 0, float("nan")
+        forwards = []
+        for ctx in contexts:
+            first = len(ctx.rendered.ids) - 1  # the position that predicts the first target token
+            count = len(ctx.target) + len(ctx.continuation)
+            forwards.append(self._step_forward(ctx.ids, ctx.rendered.end - 1, first, count, ctx.hidden))
+        targets = [torch.tensor(c.target, device=self.device) for c in contexts]
         for step in range(cfg.max_steps + 1):
-            logits = forward(value)
-            loss = F.cross_entropy(logits.float(), target)
-            loss_value = float(loss.detach())
+            ce_total, kl_total, solved = 0.0, 0.0, True
+            total = torch.zeros((), device=self.device)
+            for ctx, forward, target in zip(contexts, forwards, targets):
+                logits = forward(value).float()
+                m = len(ctx.target)
+                ce = F.cross_entropy(logits[:m], target)
+                total = total + ce
+                ce_total += float(ce.detach())
+                solved &= bool((logits[:m].argmax(-1) == target).all())
+                if ctx.continuation:
+                    logp = logits[m:].log_softmax(-1)
+                    kl = F.kl_div(logp, ctx.continuation_logp, log_target=True, reduction="batchmean")
+                    total = total + cfg.continuation_weight * kl
+                    kl_total += float(kl.detach())
+            n = len(contexts)
+            loss_value = ce_total / n
             if step == cfg.max_steps:
                 break
-            solved = bool((logits.argmax(-1) == target).all()) and loss_value < cfg.stop_loss
+            solved = solved and loss_value < cfg.stop_loss and kl_total / n < cfg.continuation_kl
             if solved and not cfg.reference_procedure:
                 break
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (total / n).backward()
             opt.step()
             steps += 1
-        del opt, forward
+        del opt, forwards
         return value.detach(), steps, loss_value
 
     def _step_forward(
-        self, ids: torch.Tensor, p: int, m: int, hidden: torch.Tensor | None
+        self, seq: list[int], p: int, first: int, count: int, hidden: torch.Tensor | None
     ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """value -> logits [m, vocab] at the target positions, by the cheapest exact route."""
+        """value (added at position ``p``) -> logits [count, vocab] at positions first.., by the
+        cheapest exact route."""
         dtype = self.model_dtype
+        ids = torch.tensor([seq], device=self.input_device)
         if hidden is None:  # the full model (reference procedure, or a family without a fast path)
 
             def full(value: torch.Tensor) -> torch.Tensor:
                 plan = InjectPlan(self.layer, positions=torch.tensor([p]), values=value[None])
                 with activate(plan):
-                    return self.model(input_ids=ids).logits[0, p : p + m]
+                    return self.model(input_ids=ids).logits[0, first : first + count]
 
             return full
         s = hidden.shape[1]
@@ -353,26 +467,30 @@ class HorenEditor:
             suffix = hidden[:, p:]
             onehot = torch.zeros(1, s - p, 1, device=self.device, dtype=dtype)
             onehot[0, 0] = 1
+            lo = first - p
 
             def cached(value: torch.Tensor) -> torch.Tensor:
-                return self.adapter.upper_logits_suffix(suffix + onehot * value.to(dtype), p, cache)[0, :m]
+                out = self.adapter.upper_logits_suffix(
+                    suffix + onehot * value.to(dtype), p, cache, slice(lo, lo + count)
+                )
+                return out[0]
 
             if self._prefix_cache_ok is None:  # verify once that this model honours the cache
                 with torch.no_grad():
-                    ref = self.adapter.upper_logits(hidden, slice(p, p + m))[0]
+                    ref = self.adapter.upper_logits(hidden, slice(first, first + count))[0]
                     got = cached(torch.zeros(self.codebook.value_dim, device=self.device))
                 tol = 1e-3 if dtype == torch.float32 else 5e-2
                 self._prefix_cache_ok = bool(
                     torch.allclose(ref.float(), got.float(), atol=tol * ref.abs().max().item())
                 )
                 if not self._prefix_cache_ok:
-                    return self._step_forward(ids, p, m, hidden)
+                    return self._step_forward(seq, p, first, count, hidden)
             return cached
         onehot = torch.zeros(1, s, 1, device=self.device, dtype=dtype)
         onehot[0, p] = 1
 
         def upper(value: torch.Tensor) -> torch.Tensor:
-            return self.adapter.upper_logits(hidden + onehot * value.to(dtype), slice(p, p + m))[0]
+            return self.adapter.upper_logits(hidden + onehot * value.to(dtype), slice(first, first + count))[0]
 
         return upper
 
@@ -458,6 +576,56 @@ class HorenEditor:
 
 class _StopForward(Exception):
     pass
+
+
+_PATIENCE = 8
+
+
+class _TargetStated(StoppingCriteria):
+    """Stops each routed row once its generated text contains its edit's target (or has run
+    ``_PATIENCE`` tokens past the target's length without it); ``stated`` maps those rows to how
+    many tokens they had then."""
+
+    def __init__(self, editor: HorenEditor, plan: RoutePlan, prompt_width: int) -> None:
+        self.editor, self.plan, self.width = editor, plan, prompt_width
+        self.answers: dict[int, str] | None = None
+        self.patience: dict[int, int] = {}
+        self.stated: dict[int, int] = {}
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if self.answers is None:  # routing happened in the prefill that produced the first token
+            tok, cb = self.editor.tokenizer, self.editor.codebook
+            self.answers = {
+                i: tok.decode(list(cb.entry(e).answer)).strip()
+                for i, e in enumerate(self.plan.entry_ids)
+                if e is not None
+            }
+            # a row that has not stated its target a few tokens after its length is handed over too
+            self.patience = {i: len(cb.entry(self.plan.entry_ids[i]).answer) + _PATIENCE for i in self.answers}
+        n = input_ids.shape[1] - self.width
+        for i, answer in self.answers.items():
+            if i in self.stated:
+                done[i] = True
+            elif n >= self.patience[i] or (
+                answer and answer in self.editor.tokenizer.decode(input_ids[i, self.width :].tolist())
+            ):
+                self.stated[i] = n
+                done[i] = True
+        return done
+
+
+@dataclass
+class _Context:
+    """One rendering of an edit's question and what training needs of it."""
+
+    rendered: Rendered
+    target: list[int]
+    continuation: list[int] = field(default_factory=list)
+    continuation_logp: torch.Tensor | None = None  # [len(continuation), vocab], unedited
+    ids: list[int] = field(default_factory=list)  # prompt + target + continuation but its last token
+    hidden: torch.Tensor | None = None
+    query: torch.Tensor | None = None
 
 
 def _json(d: dict) -> str:

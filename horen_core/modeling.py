@@ -242,10 +242,12 @@ class ModelAdapter:
         cache.recording = False
         return cache
 
-    def upper_logits_suffix(self, hidden_suffix: torch.Tensor, start: int, cache: _PrefixKV) -> torch.Tensor:
-        """Logits for every position of a suffix that starts at absolute position ``start``, given
-        the prefix's cached keys/values."""
-        h = self._run_upper(hidden_suffix, start, cache)
+    def upper_logits_suffix(
+        self, hidden_suffix: torch.Tensor, start: int, cache: _PrefixKV, positions: slice = slice(None)
+    ) -> torch.Tensor:
+        """Logits at ``positions`` (relative to the suffix) of a suffix that starts at absolute
+        position ``start``, given the prefix's cached keys/values."""
+        h = self._run_upper(hidden_suffix, start, cache)[:, positions]
         return self.lm_head(self.final_norm(h) if self.final_norm is not None else h)
 
 
