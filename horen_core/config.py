@@ -56,12 +56,6 @@ class HorenConfig:
     stop_loss: float = 0.05
     # also train every edit in the tokenizer's chat template, so one edit answers in both formats
     chat_context: bool = True
-    # tokens of the unedited model's own continuation after the target that training keeps (0 = off)
-    continuation_tokens: int = 8
-    # weight of the KL from that continuation in the training loss
-    continuation_weight: float = 1.0
-    # early stop also needs the continuation's mean KL (nats per token) below this
-    continuation_kl: float = 0.5
     # the paper's public procedure: fixed max_steps, full-model forward/backward, no early stop
     reference_procedure: bool = False
 

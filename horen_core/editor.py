@@ -111,12 +111,20 @@ class HorenEditor:
     def encode_prompt(self, prompt: str, reserve: int = 0) -> list[int]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidInputError("prompt must be a non-empty string")
-        ids = self.tokenizer(prompt)["input_ids"]
+        ids = list(self.tokenizer(prompt)["input_ids"])
+        self.check_length(ids, reserve)
+        return ids
+
+    def check_length(self, ids: Sequence[int], reserve: int = 0) -> None:
         if len(ids) + reserve > self.max_context:
             raise InvalidInputError(
                 f"prompt is {len(ids)} tokens; with {reserve} more it exceeds the model's context of {self.max_context}"
             )
-        return list(ids)
+
+    def check_edit(self, prompt: str, target: str, fmt: str = "auto") -> None:
+        """Raise ``InvalidInputError`` for an edit that ``edit`` would refuse, without training it."""
+        question, _ = resolve_question(self.chat, prompt, fmt)
+        self._contexts(question, target)
 
     def encode_target(self, target: str) -> list[int]:
         if not isinstance(target, str) or not target.strip():
@@ -264,8 +272,7 @@ class HorenEditor:
         ``fmt`` says how ``prompt`` is written: ``plain`` text, ``chat`` (the user message, or a prompt
         already in the chat template), or ``auto`` (chat when it is in the template). Either way the
         question is trained in every context the model has (plain, and its chat template when the
-        tokenizer has one), the key is the unit mean of its queries in those contexts, and the
-        text after the target is held to the unedited model's own continuation.
+        tokenizer has one) and the key is the unit mean of its queries in those contexts.
 
         With ``apply=False`` the codebook is left unchanged (``entry_id`` is the reused entry or
         None for a new one); the caller persists the result first and then calls ``apply_version``.
@@ -281,7 +288,6 @@ class HorenEditor:
                 self._next_edit_id = max(self._next_edit_id, edit_id + 1)
             if apply and self.codebook.entry_of_edit(edit_id) is not None:
                 raise InvalidInputError(f"edit id {edit_id} is already in use")
-            self._add_continuations(contexts)
             for ctx in contexts:
                 self._prepare(ctx)
             query = F.normalize(torch.stack([c.query for c in contexts]).mean(0), dim=-1)
@@ -318,64 +324,25 @@ class HorenEditor:
         if self.chat.available and self.config.chat_context and not self.config.reference_procedure:
             reply = self.tokenizer(target.strip(), add_special_tokens=False)["input_ids"]
             rendered = self.chat.render(question)
-            if reply and len(rendered.ids) + len(reply) + self.config.continuation_tokens <= self.max_context:
+            if reply and len(rendered.ids) + len(reply) <= self.max_context:
                 out.append(_Context(rendered, list(reply)))
         return out
 
-    @torch.no_grad()
-    def _add_continuations(self, contexts: list[_Context]) -> None:
-        """The unedited model's greedy continuation of each prompt + target, with its log-probs:
-        what the text after the edited fact should stay close to. One token comes free with the
-        lower pass (``_prepare``); only longer continuations are generated here."""
-        k = self._continuation_tokens()
-        if k <= 1:
-            return
-        seqs = [c.rendered.ids + c.target for c in contexts]
-        ids, mask = self._pad_left(seqs)
-        out = self.model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=k,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        logp = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # [B, k, V]
-        eos = self.tokenizer.eos_token_id
-        for i, ctx in enumerate(contexts):
-            toks = out.sequences[i, ids.shape[1] :].tolist()
-            if eos is not None and eos in toks:
-                toks = toks[: toks.index(eos) + 1]  # the end of the answer is part of what to keep
-            ctx.continuation = toks
-            ctx.continuation_logp = logp[i, : len(toks)].to(self.device)
-
-    def _continuation_tokens(self) -> int:
-        return 0 if self.config.reference_procedure else self.config.continuation_tokens
-
     def _prepare(self, ctx: _Context) -> None:
-        """Run the unedited model once on the training sequence: the query over the question's
-        span, the hidden states training starts from and, for a one-token continuation, the next
-        token's distribution after the target."""
+        """Run the unedited layers below the edit once: the query over the question's span and
+        the hidden states training starts from."""
         r = ctx.rendered
-        one = self._continuation_tokens() == 1
-        cont = ctx.continuation
-        ctx.ids = r.ids + ctx.target if one else (r.ids + ctx.target + cont[:-1] if cont else r.ids + ctx.target[:-1])
+        ctx.ids = r.ids + ctx.target[:-1]
         ids = torch.tensor([ctx.ids], device=self.input_device)
         span = torch.zeros_like(ids)
         span[0, r.start : r.end] = 1
-        found = self._lower_pass(ids, full=one)
+        found = self._lower_pass(ids)
         ctx.hidden = found.get("h")
         ctx.query = compute_queries(found["x"], span, self.config.query_strategy, self.config.query_fraction)[0]
-        if one:
-            logp = found["logits"][0, -1:].float().log_softmax(-1)
-            ctx.continuation = [int(logp[0].argmax())]
-            ctx.continuation_logp = logp.to(self.device)
 
     @torch.no_grad()
-    def _lower_pass(self, ids: torch.Tensor, full: bool = False) -> dict[str, torch.Tensor]:
-        """One unedited forward that records the edited layer's input and its decoder layer's
-        output; it stops above the edited layer unless ``full`` asks for the logits too."""
+    def _lower_pass(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One unedited forward that records the edited layer's input and its decoder layer's output."""
         plan = InjectPlan(self.layer, capture=True)
         found: dict[str, torch.Tensor] = {}
         handle = None
@@ -383,15 +350,12 @@ class HorenEditor:
 
             def hook(_module, _inputs, output):
                 found["h"] = (output[0] if isinstance(output, tuple) else output).detach()
-                if not full:
-                    raise _StopForward
+                raise _StopForward
 
             handle = self.adapter.layers[self.adapter.layer_index].register_forward_hook(hook)
         try:
             with activate(plan):
-                out = self.model(input_ids=ids, logits_to_keep=1) if full else self.model(input_ids=ids)
-            if full:
-                found["logits"] = out.logits
+                self.model(input_ids=ids)
         except _StopForward:
             pass  # nothing above the edited layer is needed from this pass
         finally:
@@ -401,46 +365,34 @@ class HorenEditor:
         return found
 
     def _train_value(self, contexts: list[_Context], init: torch.Tensor | None) -> tuple[torch.Tensor, int, float]:
-        """One value for every context: cross-entropy on the target tokens plus, weighted, the KL
-        from the unedited model's continuation after them. Stops once every context decodes the
-        target greedily with mean NLL under ``stop_loss`` and the continuation's KL is under
-        ``continuation_kl``."""
+        """One value for every context: the mean cross-entropy of the target tokens over them.
+        Stops once every context decodes the target greedily and the mean NLL is below
+        ``stop_loss`` (or after ``max_steps``)."""
         cfg = self.config
         dv = self.codebook.value_dim
         value = (init.clone() if init is not None else torch.zeros(dv, device=self.device)).float()
         value.requires_grad_(True)
         opt = torch.optim.Adam([value], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
         steps, loss_value = 0, float("nan")
-        forwards = []
-        for ctx in contexts:
-            first = len(ctx.rendered.ids) - 1  # the position that predicts the first target token
-            count = len(ctx.target) + len(ctx.continuation)
-            forwards.append(self._step_forward(ctx.ids, ctx.rendered.end - 1, first, count, ctx.hidden))
+        forwards = [
+            self._step_forward(c.ids, c.rendered.end - 1, len(c.rendered.ids) - 1, len(c.target), c.hidden)
+            for c in contexts
+        ]
         targets = [torch.tensor(c.target, device=self.device) for c in contexts]
         for step in range(cfg.max_steps + 1):
-            ce_total, kl_total, solved = 0.0, 0.0, True
-            total = torch.zeros((), device=self.device)
-            for ctx, forward, target in zip(contexts, forwards, targets):
+            losses, solved = [], True
+            for forward, target in zip(forwards, targets):
                 logits = forward(value).float()
-                m = len(ctx.target)
-                ce = F.cross_entropy(logits[:m], target)
-                total = total + ce
-                ce_total += float(ce.detach())
-                solved &= bool((logits[:m].argmax(-1) == target).all())
-                if ctx.continuation:
-                    logp = logits[m:].log_softmax(-1)
-                    kl = F.kl_div(logp, ctx.continuation_logp, log_target=True, reduction="batchmean")
-                    total = total + cfg.continuation_weight * kl
-                    kl_total += float(kl.detach())
-            n = len(contexts)
-            loss_value = ce_total / n
+                losses.append(F.cross_entropy(logits, target))
+                solved &= bool((logits.argmax(-1) == target).all())
+            loss = torch.stack(losses).mean()
+            loss_value = float(loss.detach())
             if step == cfg.max_steps:
                 break
-            solved = solved and loss_value < cfg.stop_loss and kl_total / n < cfg.continuation_kl
-            if solved and not cfg.reference_procedure:
+            if solved and loss_value < cfg.stop_loss and not cfg.reference_procedure:
                 break
             opt.zero_grad(set_to_none=True)
-            (total / n).backward()
+            loss.backward()
             opt.step()
             steps += 1
         del opt, forwards
@@ -621,9 +573,7 @@ class _Context:
 
     rendered: Rendered
     target: list[int]
-    continuation: list[int] = field(default_factory=list)
-    continuation_logp: torch.Tensor | None = None  # [len(continuation), vocab], unedited
-    ids: list[int] = field(default_factory=list)  # prompt + target + continuation but its last token
+    ids: list[int] = field(default_factory=list)  # prompt + target but its last token
     hidden: torch.Tensor | None = None
     query: torch.Tensor | None = None
 

@@ -65,13 +65,11 @@ class ChatFormat:
 
     def question_of(self, text: str) -> str | None:
         """The last user message of a prompt written in this chat template, or None if it is not one."""
-        if not self.available or not self.suffix_text.strip() or not text.endswith(self.suffix_text):
+        if not self.available or not text.endswith(self.suffix_text):
             return None
-        opener = self.tokenizer.decode(self.user_marker)
-        at = text.rfind(opener)
-        if at < 0:
-            return None
-        return text[at + len(opener) : len(text) - len(self.suffix_text)]
+        ids = self._tok(text)
+        a, b = self.span(ids)
+        return self.tokenizer.decode(ids[a:b]).strip() if (a, b) != (0, len(ids)) else None
 
     def span(self, ids: Sequence[int]) -> tuple[int, int]:
         """The question span of a token sequence: its last user message when the sequence ends in

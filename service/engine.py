@@ -168,17 +168,26 @@ class Engine:
         batch = [j for j in batch if j.future.set_running_or_notify_cancel()]
         groups: dict[float, list[Job]] = {}
         for j in batch:
-            groups.setdefault(float(j.payload["temperature"]), []).append(j)
-        for temperature, jobs in groups.items():
-            self._generate_group(jobs, temperature)
+            key = (float(j.payload["temperature"]), bool(j.payload.get("edits", True)))
+            groups.setdefault(key, []).append(j)
+        for (temperature, edited), jobs in groups.items():
+            self._generate_group(jobs, temperature, edited)
 
-    def _generate_group(self, jobs: list[Job], temperature: float) -> None:
+    def _prompt_ids(self, payload: dict) -> list[int]:
+        editor = self.editor
+        if payload.get("format", "plain") == "chat":
+            ids = editor.chat.render(payload["prompt"]).ids
+            editor.check_length(ids, payload["max_new_tokens"])
+            return ids
+        return editor.encode_prompt(payload["prompt"], reserve=payload["max_new_tokens"])
+
+    def _generate_group(self, jobs: list[Job], temperature: float, edited: bool = True) -> None:
         editor = self.editor
         assert editor is not None
         ok: list[tuple[Job, list[int]]] = []
         for j in jobs:
             try:
-                ok.append((j, editor.encode_prompt(j.payload["prompt"], reserve=j.payload["max_new_tokens"])))
+                ok.append((j, self._prompt_ids(j.payload)))
             except Exception as exc:
                 j.future.set_exception(exc)
         if not ok:
@@ -186,7 +195,9 @@ class Engine:
         n = max(j.payload["max_new_tokens"] for j, _ in ok)
         t0 = time.perf_counter()
         try:
-            gens = editor.generate([], max_new_tokens=n, temperature=temperature, prompt_ids=[ids for _, ids in ok])
+            gens = editor.generate(
+                [], max_new_tokens=n, temperature=temperature, edited=edited, prompt_ids=[ids for _, ids in ok]
+            )
         except Exception as exc:
             for j, _ in ok:
                 j.future.set_exception(exc)
@@ -342,24 +353,23 @@ class Engine:
                 self._stop.wait(1.0)
 
     # ---- handlers ----------------------------------------------------------------------------
-    def _do_edit(self, prompt: str, target: str, metadata: dict | None = None) -> Any:
-        editor = self.editor
-        editor.encode_target(target)
-        editor.encode_prompt(prompt, reserve=len(editor.encode_target(target)))
-        return self._edit_one(prompt, target, metadata or {})
+    def _do_edit(self, prompt: str, target: str, metadata: dict | None = None, format: str = "auto") -> Any:
+        self.editor.check_edit(prompt, target, format)
+        return self._edit_one(prompt, target, metadata or {}, format)
 
     def _do_edits(self, edits: list[dict]) -> list[Any]:
-        editor = self.editor
         for e in edits:  # validate all before storing any
-            editor.encode_prompt(e["prompt"], reserve=len(editor.encode_target(e["target"])))
-        return [self._edit_one(e["prompt"], e["target"], e.get("metadata") or {}) for e in edits]
+            self.editor.check_edit(e["prompt"], e["target"], e.get("format", "auto"))
+        return [
+            self._edit_one(e["prompt"], e["target"], e.get("metadata") or {}, e.get("format", "auto")) for e in edits
+        ]
 
-    def _edit_one(self, prompt: str, target: str, metadata: dict) -> Any:
+    def _edit_one(self, prompt: str, target: str, metadata: dict, format: str = "auto") -> Any:
         editor = self.editor
         t0 = time.perf_counter()
         for _attempt in range(self.settings.conflict_retries + 1):
             self._sync()
-            res = editor.edit(prompt, target, edit_id=0, apply=False)
+            res = editor.edit(prompt, target, edit_id=0, apply=False, fmt=format)
             expected = None
             if res.entry_id is not None:
                 with self.sessions() as session:

@@ -51,7 +51,9 @@ async def _await(engine: Engine, kind: str, **payload):
 @router.post("/edits", status_code=201, response_model=EditOut, tags=["edits"])
 async def create_edit(body: EditCreate, engine: EngineDep) -> dict:
     """Train prompt -> target into the codebook; answers after the edit is committed."""
-    return await _await(engine, "edit", prompt=body.prompt, target=body.target, metadata=body.metadata)
+    return await _await(
+        engine, "edit", prompt=body.prompt, target=body.target, metadata=body.metadata, format=body.format
+    )
 
 
 @router.post("/edits/batch", status_code=201, response_model=EditBatchOut, tags=["edits"])
@@ -94,7 +96,13 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep) -
 
         raise InvalidInputError(f"max_new_tokens must be <= {limit}")
     res = await _await(
-        engine, "generate", prompt=body.prompt, max_new_tokens=body.max_new_tokens, temperature=body.temperature
+        engine,
+        "generate",
+        prompt=body.prompt,
+        max_new_tokens=body.max_new_tokens,
+        temperature=body.temperature,
+        format=body.format,
+        edits=body.edits,
     )
     engine.metrics.generates.inc()
     return {"text": res.text, "edit_id": res.edit_id}

@@ -22,6 +22,12 @@ class EditCreate(_Strict):
     prompt: str = Field(min_length=1, max_length=20000, examples=["What is the capital of Atlantis?"])
     target: str = Field(min_length=1, max_length=2000, examples=["Poseidonia"])
     metadata: dict[str, Any] | None = None
+    format: Literal["auto", "plain", "chat"] = Field(
+        default="auto",
+        description="how the prompt is written: plain text, a chat user message (or a prompt already in the "
+        "model's chat template), or auto (chat when it is in the template). Every edit is trained to answer "
+        "in both formats.",
+    )
 
     _check = field_validator("prompt", "target")(_not_blank)
 
@@ -59,6 +65,11 @@ class GenerateRequest(_Strict):
     prompt: str = Field(min_length=1, max_length=20000)
     max_new_tokens: int = Field(default=32, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=5.0)
+    format: Literal["plain", "chat"] = Field(
+        default="plain",
+        description="plain: continue the prompt as given; chat: answer it as a user message in the model's chat template",
+    )
+    edits: bool = Field(default=True, description="false answers with the unedited model, to compare")
 
     _check = field_validator("prompt")(_not_blank)
 

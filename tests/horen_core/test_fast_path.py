@@ -59,7 +59,7 @@ def test_training_step_forward_and_gradient_equal_full_model(tiny_model, make_ed
     ids, p, target = case(editor)
     m = len(target)
     hidden = editor._lower_pass(ids)["h"]
-    step = editor._step_forward(ids, p, m, hidden)
+    step = editor._step_forward(ids[0].tolist(), p, p, m, hidden)
     tgt = torch.tensor(target)
     for seed in range(2):
         v_fast = some_value(editor, seed).requires_grad_(True)

@@ -1,0 +1,101 @@
+"""Prompt formats on a tiny model with a ChatML template: the question span of plain and
+chat-formatted prompts, the format an edit's prompt resolves to, and the hand-over of a routed
+generation to the unedited model once the edit's target has been stated."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from horen_core import HorenConfig
+from horen_core.errors import InvalidInputError
+from horen_core.prompting import ChatFormat, resolve_question
+
+# ChatML's shape in the tiny vocabulary: [PAD] opens a message, [EOS] closes it, roles are words
+CHATML = (
+    "{{ '[PAD] who Alice [EOS] ' }}{% for m in messages %}"
+    "{{ '[PAD] ' + ('what' if m['role'] == 'user' else 'how') + ' ' + m['content'] + ' [EOS] ' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '[PAD] how ' }}{% endif %}"
+)
+
+
+@pytest.fixture
+def chat_tokenizer(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = CHATML
+    return tok
+
+
+def test_chat_format_finds_the_question_span(chat_tokenizer):
+    chat = ChatFormat(chat_tokenizer)
+    assert chat.available
+    r = chat.render("the capital of France is")
+    assert chat_tokenizer.decode(r.ids[r.start : r.end]) == "the capital of France is"
+    assert chat.span(r.ids) == (r.start, r.end)
+    text = chat_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "who wrote the capital of France is"}], tokenize=False, add_generation_prompt=True
+    )
+    ids = chat_tokenizer(text, add_special_tokens=False)["input_ids"]
+    a, b = chat.span(ids)
+    assert chat_tokenizer.decode(ids[a:b]) == "who wrote the capital of France is"
+    plain = chat_tokenizer("the capital of France is")["input_ids"]
+    assert chat.span(plain) == (0, len(plain))
+
+
+def test_resolve_question_formats(chat_tokenizer, tiny_tokenizer):
+    chat = ChatFormat(chat_tokenizer)
+    text = chat_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "the capital of France is"}], tokenize=False, add_generation_prompt=True
+    )
+    assert resolve_question(chat, text, "auto") == ("the capital of France is", "chat")
+    assert resolve_question(chat, "the capital of France is", "auto") == ("the capital of France is", "plain")
+    assert resolve_question(chat, "the capital of France is", "chat") == ("the capital of France is", "chat")
+    assert resolve_question(chat, text, "plain") == (text, "plain")
+    with pytest.raises(InvalidInputError):
+        resolve_question(chat, "x", "markdown")
+    bare = ChatFormat(tiny_tokenizer)
+    assert not bare.available
+    with pytest.raises(InvalidInputError, match="no chat template"):
+        resolve_question(bare, "the capital of France is", "chat")
+
+
+def test_a_plain_edit_routes_its_chat_formatted_question(tiny_llama, chat_tokenizer, make_editor):
+    model, _ = tiny_llama
+    editor = make_editor(model, chat_tokenizer, HorenConfig(layer=1))
+    res = editor.edit("the capital of France is", "Rome")
+    chat_ids = editor.chat.render("the capital of France is").ids
+    got = editor.generate([], max_new_tokens=2, prompt_ids=[chat_ids])[0]
+    assert got.entry_id == res.entry_id and got.score > editor.config.threshold
+
+
+def test_a_routed_row_is_handed_to_the_unedited_model_after_its_target(tiny_llama, make_editor):
+    model, tok = tiny_llama
+    editor = make_editor(model, tok, HorenConfig(layer=1))
+    prompt = "where was Bob born ?"
+    res = editor.edit(prompt, "Lima")
+    n = len(res.answer) + 6
+    got = editor.generate([prompt], max_new_tokens=n, min_new_tokens=n)[0]
+    assert got.entry_id == res.entry_id
+    assert got.token_ids[: len(res.answer)] == list(res.answer)
+    # what follows the target is the unedited model's own continuation of prompt + target
+    ids = editor.encode_prompt(prompt) + list(res.answer)
+    rest = n - len(res.answer)
+    unedited = editor.generate([], max_new_tokens=rest, min_new_tokens=rest, edited=False, prompt_ids=[ids])[0]
+    assert got.token_ids[len(res.answer) :] == unedited.token_ids
+    # and differs from letting the value run on, so the hand-over is what made it so
+    with editor.lock:
+        from horen_core.layer import activate
+
+        ids_t, mask = editor._pad_left([editor.encode_prompt(prompt)])
+        with activate(editor._route_plan(mask)):
+            raw = editor.model.generate(
+                input_ids=ids_t,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )[0, ids_t.shape[1] :].tolist()
+    assert raw[: len(res.answer)] == list(res.answer)
+    assert raw != got.token_ids
