@@ -13,14 +13,28 @@ import torch
 
 from horen_core.config import HorenConfig
 from horen_core.editor import HorenEditor
-from horen_core.evaluate import edit_seconds_stats, load_records, locality_outputs, score, summarize
+from horen_core.evaluate import (
+    FORMATS,
+    chat_prompt,
+    edit_seconds_stats,
+    load_records,
+    locality_outputs,
+    score,
+    summarize,
+    summarize_user,
+    user_baseline,
+    user_scores,
+)
 from horen_core.modeling import load_model
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     d = HorenConfig()
-    p.add_argument("--data", required=True, help="ZsRE (MEND format) or CounterFact (EasyEdit format) JSON file")
-    p.add_argument("--format", default="auto", choices=["auto", "zsre", "counterfact"])
+    p.add_argument("--data", required=True, help="ZsRE (MEND), CounterFact or KnowEdit (EasyEdit), or UnKE JSON file")
+    p.add_argument("--format", default="auto", choices=["auto", *FORMATS])
+    p.add_argument("--chat", action="store_true", help="also score every prompt in the model's chat template")
+    p.add_argument("--edit-chat", action="store_true", help="make the edits with the prompts in the chat template")
+    p.add_argument("--no-user-metrics", action="store_true", help="only the paper's token-match metrics")
     p.add_argument("--target-field", default="answers", help="ZsRE: answers (answers[0]) or alt")
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--offset", type=int, default=0)
@@ -63,26 +77,41 @@ def run_eval(args: argparse.Namespace) -> dict:
     model, tokenizer = load_model(args.model, device=args.device, converted_dir=args.converted_dir or None)
     editor = HorenEditor(model, tokenizer, config_from_args(args))
     baseline_loc = locality_outputs(editor, records, edited=False)
+    user = not args.no_user_metrics
+    chat = (args.chat or args.edit_chat) and editor.chat.available
+    base_user = user_baseline(editor, records, chat) if user else None
     checkpoints = sorted({int(c) for c in args.checkpoints.split(",") if c.strip()})
     seconds, steps, created = [], [], 0
     report: dict = {"config": editor.config.to_dict(), "checkpoints": {}}
     for i, rec in enumerate(tqdm(records, desc="editing", file=sys.stderr), start=1):
-        res = editor.edit(rec.prompt, rec.target)
+        prompt = chat_prompt(editor, rec.prompt) if args.edit_chat else rec.prompt
+        res = editor.edit(prompt, rec.target)
         seconds.append(res.seconds)
         steps.append(res.steps)
         created += int(res.created)
         if i in checkpoints and i < len(records):
             summary = summarize(score(editor, records[:i], baseline_loc[:i]))
+            if user:
+                done = records[:i]
+                base_i = _head(base_user, done)
+                summary |= summarize_user(user_scores(editor, done, base_i, chat), base_i)
             report["checkpoints"][str(i)] = {"n": i, **summary, "keys": len(editor.codebook)}
             print(json.dumps({"checkpoint": i, **summary}), file=sys.stderr)
     t0 = time.perf_counter()
     rows = score(editor, records, baseline_loc)
+    user_summary = {}
+    if user:
+        urows = user_scores(editor, records, base_user, chat)
+        for row, extra in zip(rows, urows):
+            row.update(extra)
+        user_summary = summarize_user(urows, base_user)
     for row, s, st in zip(rows, seconds, steps):
         row["edit_seconds"] = round(s, 4)
         row["steps"] = st
     summary = {
         "n": len(records),
         **summarize(rows),
+        **user_summary,
         **edit_seconds_stats(seconds),
         "mean_steps": round(sum(steps) / max(len(steps), 1), 2),
         "keys": len(editor.codebook),
@@ -94,6 +123,17 @@ def run_eval(args: argparse.Namespace) -> dict:
     report["records"] = rows
     Path(args.output).write_text(json.dumps(report, indent=1))
     return summary
+
+
+def _head(base: dict, done: list) -> dict:
+    """The part of a user baseline that belongs to the first ``len(done)`` records."""
+    n = len(done)
+    k_loc = sum(1 for r in done if r.loc_prompt)
+    k_spec = sum(len(r.specificity) for r in done)
+    out = {"loc": base["loc"][:k_loc], "spec": base["spec"][:k_spec], "fluency": base["fluency"][:n]}
+    if "chat_ends" in base:
+        out["chat_ends"] = base["chat_ends"][:n]
+    return out
 
 
 def eval_main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,8 @@
-"""Sequential-editing evaluation: load ZsRE (MEND format) or CounterFact (EasyEdit format) records,
-make N edits in order, then score all of them the way the paper's code scores HoReN."""
+"""Sequential-editing evaluation: load ZsRE (MEND), CounterFact (EasyEdit), KnowEdit (EasyEdit's
+KnowEdit JSON) or UnKE records, make N edits in order, then score all of them the way the paper's
+code scores HoReN (token match on as many tokens as the target has) and the way a user reads the
+model's answers (``user_scores``: the target in a free answer, plain and chat; unchanged answers on
+locality and same-subject prompts; fluency; portability; ROUGE-L/BLEU for long-form answers)."""
 
 from __future__ import annotations
 
@@ -21,42 +24,93 @@ class EditRecord:
     rephrase: str | None
     loc_prompt: str | None
     loc_answer: str | None
+    specificity: tuple[str, ...] = ()  # same subject, another relation: the answer must not change
+    portability: tuple[tuple[str, str], ...] = ()  # (prompt, answer) that follow from the edit
+    sub_questions: tuple[tuple[str, str], ...] = ()  # UnKE: (question, answer) about the long answer
+
+
+FORMATS = ("zsre", "counterfact", "knowedit", "unke")
 
 
 def detect_format(rows: list[dict]) -> str:
     first = rows[0] if rows else {}
+    if not isinstance(first, dict):
+        raise ValueError("unknown data format: expected a JSON list of records")
     if "src" in first:
         return "zsre"
+    if "question" in first and "answer" in first:
+        return "unke"
+    if "target_new" in first and isinstance(first.get("locality"), dict):
+        return "knowedit"
     if "target_new" in first:
         return "counterfact"
-    raise ValueError("unknown data format: expected ZsRE MEND fields (src, ...) or CounterFact (prompt, target_new)")
+    raise ValueError(
+        "unknown data format: expected ZsRE MEND fields (src, ...), CounterFact (prompt, target_new), "
+        "KnowEdit (prompt, target_new, locality) or UnKE (question, answer)"
+    )
+
+
+def _first_answer(gt) -> str:
+    while isinstance(gt, list):
+        if not gt:
+            return ""
+        gt = gt[0]
+    return str(gt)
+
+
+def _record(r: dict, fmt: str, target_field: str) -> EditRecord:
+    if fmt == "zsre":
+        target = r["answers"][0] if target_field == "answers" else r[target_field]
+        return EditRecord(r["src"], target, r.get("rephrase"), r.get("loc"), r.get("loc_ans"))
+    if fmt == "counterfact":
+        target = r["target_new"] if target_field == "answers" else r[target_field]
+        return EditRecord(
+            r["prompt"], target, r.get("rephrase_prompt"), r.get("locality_prompt"), r.get("locality_ground_truth")
+        )
+    if fmt == "knowedit":
+        loc = r.get("locality") or {}
+        port = r.get("portability") or {}
+        spec = tuple(x["prompt"] for x in loc.get("Relation_Specificity") or [])
+        others = [x for k, v in loc.items() if k != "Relation_Specificity" for x in v or []]
+        ported = tuple((x["prompt"], _first_answer(x["ground_truth"])) for v in port.values() for x in v or [])
+        alias = [x["prompt"] for x in port.get("Subject_Aliasing") or []]
+        rephrase = r.get("rephrase") or (alias[0] if alias else None)
+        return EditRecord(
+            r["prompt"],
+            r["target_new"],
+            rephrase,
+            others[0]["prompt"] if others else None,
+            _first_answer(others[0]["ground_truth"]) if others else None,
+            specificity=spec,
+            portability=ported,
+        )
+    if fmt == "unke":
+        subs = tuple(zip(r.get("sub_question") or [], r.get("sub_answer") or []))
+        return EditRecord(r["question"], r["answer"], r.get("para_question"), None, None, sub_questions=subs)
+    raise ValueError(f"unknown format {fmt!r}")
 
 
 def load_records(
     path: str | Path, fmt: str = "auto", target_field: str = "answers", n: int | None = None, offset: int = 0
 ) -> list[EditRecord]:
+    """Records of a data file in one of ``FORMATS``; a malformed record raises ``ValueError``
+    naming its index and the missing field."""
     rows = json.loads(Path(path).read_text())
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of records")
     if fmt == "auto":
         fmt = detect_format(rows)
-    rows = rows[offset : offset + n if n is not None else None]
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}")
     out = []
-    for r in rows:
-        if fmt == "zsre":
-            target = r["answers"][0] if target_field == "answers" else r[target_field]
-            out.append(EditRecord(r["src"], target, r.get("rephrase"), r.get("loc"), r.get("loc_ans")))
-        elif fmt == "counterfact":
-            target = r["target_new"] if target_field == "answers" else r[target_field]
-            out.append(
-                EditRecord(
-                    r["prompt"],
-                    target,
-                    r.get("rephrase_prompt"),
-                    r.get("locality_prompt"),
-                    r.get("locality_ground_truth"),
-                )
-            )
-        else:
-            raise ValueError(f"unknown format {fmt!r}")
+    for i, r in enumerate(rows[offset : offset + n if n is not None else None], start=offset):
+        try:
+            rec = _record(r, fmt, target_field)
+        except (KeyError, IndexError, TypeError) as exc:
+            raise ValueError(f"{path}: record {i} is not a valid {fmt} record (missing or bad {exc})") from exc
+        if not isinstance(rec.prompt, str) or not rec.prompt.strip() or not str(rec.target).strip():
+            raise ValueError(f"{path}: record {i} has an empty prompt or target")
+        out.append(rec)
     return out
 
 
@@ -178,3 +232,196 @@ def edit_seconds_stats(seconds: Sequence[float]) -> dict:
         "edit_seconds_median": round(statistics.median(seconds), 4) if seconds else None,
         "edit_seconds_p90": round(percentile(seconds, 0.9), 4) if seconds else None,
     }
+
+
+# ---- what a user sees ------------------------------------------------------------------------
+FREE_TOKENS = 32  # a free answer's budget
+CHAT_TOKENS = 48  # a chat reply's budget (the unedited model's replies to a question fit in it)
+LOCAL_TOKENS = 16  # locality and specificity compare this many tokens of answer
+
+
+def chat_prompt(editor: HorenEditor, question: str) -> str:
+    """``question`` as a user message in the model's chat template, system prompt included."""
+    return editor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def answers(editor: HorenEditor, prompts: Sequence[str], n: int, edited: bool = True, forced: bool = False):
+    """Greedy answers of up to ``n`` tokens (exactly ``n`` when ``forced``), in batches of 8."""
+    out = []
+    for chunk in _batches(list(prompts), 8):
+        out += editor.generate(chunk, max_new_tokens=n, edited=edited, min_new_tokens=n if forced else 0)
+    return out
+
+
+def distinct_trigrams(text: str) -> float:
+    """Distinct word 3-grams over all word 3-grams (1.0 for text too short to have any)."""
+    w = text.split()
+    grams = [tuple(w[i : i + 3]) for i in range(len(w) - 2)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def contains(target: str, text: str) -> float:
+    return float(target.strip().lower() in text.lower())
+
+
+def rouge_l(reference: str, hypothesis: str) -> float:
+    """ROUGE-L F1 over lower-cased words."""
+    r, h = reference.lower().split(), hypothesis.lower().split()
+    if not r or not h:
+        return 0.0
+    prev = [0] * (len(h) + 1)
+    for a in r:
+        cur = [0]
+        for j, b in enumerate(h):
+            cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if not lcs:
+        return 0.0
+    p, q = lcs / len(h), lcs / len(r)
+    return 2 * p * q / (p + q)
+
+
+def bleu(reference: str, hypothesis: str, n: int = 4) -> float:
+    """Sentence BLEU-n over lower-cased words, add-one smoothed above unigrams."""
+    import math
+    from collections import Counter
+
+    r, h = reference.lower().split(), hypothesis.lower().split()
+    if not h:
+        return 0.0
+    logs = 0.0
+    for k in range(1, n + 1):
+        hg = Counter(tuple(h[i : i + k]) for i in range(len(h) - k + 1))
+        rg = Counter(tuple(r[i : i + k]) for i in range(len(r) - k + 1))
+        match, total = sum(min(c, rg[g]) for g, c in hg.items()), max(sum(hg.values()), 0)
+        if k > 1:
+            match, total = match + 1, total + 1
+        if not match or not total:
+            return 0.0
+        logs += math.log(match / total) / n
+    brevity = min(1.0, math.exp(1 - len(r) / len(h)))
+    return brevity * math.exp(logs)
+
+
+def _long(record: EditRecord) -> bool:
+    return bool(record.sub_questions) or len(record.target.split()) > 12
+
+
+def user_baseline(editor: HorenEditor, records: Sequence[EditRecord], chat: bool) -> dict:
+    """The unedited model's answers that ``user_scores`` compares against: locality and specificity
+    answers, forced free answers (fluency) and, with ``chat``, whether its chat replies end."""
+    loc = [r for r in records if r.loc_prompt]
+    spec = [p for r in records for p in r.specificity]
+    base = {
+        "loc": [g.token_ids for g in answers(editor, [r.loc_prompt for r in loc], LOCAL_TOKENS, edited=False)],
+        "spec": [g.token_ids for g in answers(editor, spec, LOCAL_TOKENS, edited=False)],
+        "fluency": [
+            distinct_trigrams(g.text)
+            for g in answers(editor, [r.prompt for r in records], FREE_TOKENS, edited=False, forced=True)
+        ],
+    }
+    if chat:
+        replies = answers(editor, [chat_prompt(editor, r.prompt) for r in records], CHAT_TOKENS, edited=False)
+        base["chat_ends"] = [float(len(g.token_ids) < CHAT_TOKENS) for g in replies]
+    return base
+
+
+def user_scores(editor: HorenEditor, records: Sequence[EditRecord], baseline: dict, chat: bool) -> list[dict]:
+    """Per record, what a user reads after all edits: ``rewrite_contains`` / ``rephrase_contains``
+    (the target in a free answer), with ``chat`` the same in the chat template and ``chat_ends``
+    (the reply ends within its budget); ``fluency`` (distinct word 3-grams of a forced 32-token
+    answer); ``locality_free`` and ``specificity`` (16-token answers unchanged) and how many of
+    those prompts were routed to an edit; ``portability``; for long answers ROUGE-L and BLEU of the
+    answer to the question and its paraphrase and the sub-question accuracy."""
+    rows: list[dict] = [{} for _ in records]
+
+    def put(idx: Sequence[int], key: str, values: Sequence[float]) -> None:
+        for i, v in zip(idx, values):
+            rows[i][key] = v
+
+    def budget(i: int) -> int:
+        r = records[i]
+        return min(len(editor.encode_target(r.target)) + 16, 512) if _long(r) else FREE_TOKENS
+
+    every = list(range(len(records)))
+    reph = [i for i in every if records[i].rephrase]
+    for idx, prompts, key in (
+        (every, [r.prompt for r in records], "rewrite"),
+        (reph, [records[i].rephrase for i in reph], "rephrase"),
+    ):
+        n = max((budget(i) for i in idx), default=FREE_TOKENS)
+        got = answers(editor, prompts, n)
+        put(idx, f"{key}_contains", [contains(records[i].target, g.text) for i, g in zip(idx, got)])
+        long = [(i, g) for i, g in zip(idx, got) if _long(records[i])]
+        put([i for i, _ in long], f"{key}_rouge_l", [rouge_l(records[i].target, g.text) for i, g in long])
+        put([i for i, _ in long], f"{key}_bleu", [bleu(records[i].target, g.text) for i, g in long])
+        if chat:
+            replies = answers(editor, [chat_prompt(editor, p) for p in prompts], max(n, CHAT_TOKENS))
+            put(idx, f"chat_{key}_contains", [contains(records[i].target, g.text) for i, g in zip(idx, replies)])
+            if key == "rewrite":
+                put(idx, "chat_ends", [float(len(g.token_ids) < CHAT_TOKENS) for g in replies])
+    forced = answers(editor, [r.prompt for r in records], FREE_TOKENS, forced=True)
+    put(every, "fluency", [distinct_trigrams(g.text) for g in forced])
+    loc = [i for i in every if records[i].loc_prompt]
+    got = answers(editor, [records[i].loc_prompt for i in loc], LOCAL_TOKENS)
+    put(loc, "locality_free", [float(g.token_ids == b) for g, b in zip(got, baseline["loc"])])
+    put(loc, "locality_routed", [float(g.edit_id is not None) for g in got])
+    spec_idx = [i for i in every for _ in records[i].specificity]
+    got = answers(editor, [p for r in records for p in r.specificity], LOCAL_TOKENS)
+    per: dict[int, list[tuple[float, float]]] = {}
+    for i, g, b in zip(spec_idx, got, baseline["spec"]):
+        per.setdefault(i, []).append((float(g.token_ids == b), float(g.edit_id is not None)))
+    put(list(per), "specificity", [sum(a for a, _ in v) / len(v) for v in per.values()])
+    put(list(per), "specificity_routed", [sum(b for _, b in v) / len(v) for v in per.values()])
+    port_idx = [i for i in every for _ in records[i].portability]
+    got = answers(editor, [p for r in records for p, _ in r.portability], FREE_TOKENS)
+    pairs = [a for r in records for _, a in r.portability]
+    per = {}
+    for i, g, a in zip(port_idx, got, pairs):
+        per.setdefault(i, []).append((contains(a, g.text), 0.0))
+    put(list(per), "portability", [sum(a for a, _ in v) / len(v) for v in per.values()])
+    sub_idx = [i for i in every for _ in records[i].sub_questions]
+    got = answers(editor, [q for r in records for q, _ in r.sub_questions], FREE_TOKENS)
+    subs = [a for r in records for _, a in r.sub_questions]
+    per = {}
+    for i, g, a in zip(sub_idx, got, subs):
+        per.setdefault(i, []).append((contains(a.rstrip("."), g.text), 0.0))
+    put(list(per), "sub_question_acc", [sum(a for a, _ in v) / len(v) for v in per.values()])
+    return rows
+
+
+USER_FIELDS = (
+    "rewrite_contains",
+    "rephrase_contains",
+    "chat_rewrite_contains",
+    "chat_rephrase_contains",
+    "chat_ends",
+    "locality_free",
+    "locality_routed",
+    "specificity",
+    "specificity_routed",
+    "portability",
+    "rewrite_rouge_l",
+    "rewrite_bleu",
+    "rephrase_rouge_l",
+    "rephrase_bleu",
+    "sub_question_acc",
+)
+
+
+def summarize_user(rows: list[dict], baseline: dict) -> dict:
+    """Means of ``user_scores`` rows; ``fluency_ratio`` is the edited answers' mean distinct-3-gram
+    ratio over the unedited ones'; ``chat_ends_base`` how often unedited chat replies end."""
+
+    def mean(vals: list[float]) -> float | None:
+        return round(sum(vals) / len(vals), 4) if vals else None
+
+    out = {k: mean([r[k] for r in rows if k in r]) for k in USER_FIELDS}
+    edited, base = mean([r["fluency"] for r in rows if "fluency" in r]), mean(baseline["fluency"])
+    out["fluency_ratio"] = round(edited / base, 4) if edited is not None and base else None
+    if "chat_ends" in baseline:
+        out["chat_ends_base"] = mean(baseline["chat_ends"])
+    return {k: v for k, v in out.items() if v is not None}
