@@ -59,7 +59,7 @@ def test_the_text_after_an_edited_fact_is_not_a_loop(chat_editor):
     for r in PLAIN + CHAT:
         target = r["answers"][0]
         for prompt in (r["src"], chat_text(tok, r["src"])):
-            got = chat_editor.generate([prompt], max_new_tokens=32, min_new_tokens=32)[0]
+            got = chat_editor.generate([prompt], max_new_tokens=32)[0]
             assert got.text.count(target) <= 2, (prompt, got.text)
             assert distinct_trigrams(got.text) >= 0.7, (prompt, got.text)
 

@@ -72,6 +72,16 @@ def test_edit_then_generate_routes_to_it(client):
     assert client.get(f"/edits/{e['id']}").json()["prompt"] == "Which river flows through Cairo?"
 
 
+def test_generate_without_edits_answers_as_the_unedited_model(client):
+    prompt = {"prompt": "Which river flows through Cairo?", "max_new_tokens": 4}
+    before = client.post("/generate", json=prompt).json()
+    e = client.post("/edits", json={"prompt": prompt["prompt"], "target": "Paris", "format": "plain"}).json()
+    after = client.post("/generate", json=prompt).json()
+    unedited = client.post("/generate", json={**prompt, "edits": False}).json()
+    assert after["edit_id"] == e["id"] and after["text"] != before["text"]
+    assert unedited == {"text": before["text"], "edit_id": None}
+
+
 def test_list_pagination_filter_search(client):
     ids = []
     for p, t in [
@@ -202,6 +212,10 @@ def test_service_on_cuda_edits_restarts_and_rolls_back(tmp_path, tiny_model_dir)
         ("post", "/generate", {"json": {"prompt": "hi", "max_new_tokens": 100000}}, 422, "invalid_input"),
         ("post", "/generate", {"json": {"prompt": "hi", "temperature": -1}}, 422, "validation_error"),
         ("post", "/generate", {"json": {"prompt": "word " * 400}}, 422, "invalid_input"),
+        ("post", "/generate", {"json": {"prompt": "hi", "format": "markdown"}}, 422, "validation_error"),
+        # the tiny model's tokenizer has no chat template
+        ("post", "/generate", {"json": {"prompt": "hi", "format": "chat"}}, 422, "invalid_input"),
+        ("post", "/edits", {"json": {"prompt": "hi", "target": "x", "format": "chat"}}, 422, "invalid_input"),
         ("get", "/edits/999999", {}, 404, "not_found"),
         ("get", "/edits/abc", {}, 422, "validation_error"),
         ("get", "/edits", {"params": {"limit": 0}}, 422, "validation_error"),

@@ -1,0 +1,76 @@
+"""`horen eval` data formats: KnowEdit and UnKE records load with their specificity, portability
+and sub-questions, bad records name themselves in the error; ROUGE-L and BLEU on known cases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from horen_core.evaluate import bleu, detect_format, distinct_trigrams, load_records, rouge_l
+
+KNOWEDIT = {
+    "subject": "Aram Arman",
+    "prompt": "The occupation of Aram Arman is",
+    "target_new": "painter",
+    "portability": {"Subject_Aliasing": [{"prompt": "The occupation of A. Arman is", "ground_truth": [["painter"]]}]},
+    "locality": {
+        "Relation_Specificity": [
+            {"prompt": "The gender of Aram Arman is", "ground_truth": [["male"]]},
+            {"prompt": "The place of birth of Aram Arman is", "ground_truth": [["Iskenderun"]]},
+        ]
+    },
+}
+UNKE = {
+    "id": 0,
+    "question": "What is George Rankin's occupation?",
+    "para_question": "What does George Rankin do for a living?",
+    "answer": "George Rankin has been involved in politics for over a decade.",
+    "sub_question": ["How long has George Rankin been involved in politics?"],
+    "sub_answer": ["Over a decade."],
+}
+
+
+def write(tmp_path, rows):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_knowedit_records_load_with_specificity_and_portability(tmp_path):
+    rows = [KNOWEDIT]
+    assert detect_format(rows) == "knowedit"
+    (rec,) = load_records(write(tmp_path, rows))
+    assert rec.prompt == KNOWEDIT["prompt"] and rec.target == "painter"
+    assert rec.specificity == ("The gender of Aram Arman is", "The place of birth of Aram Arman is")
+    assert rec.portability == (("The occupation of A. Arman is", "painter"),)
+    assert rec.rephrase == "The occupation of A. Arman is"  # the subject alias stands in for a rephrase
+
+
+def test_unke_records_load_with_sub_questions(tmp_path):
+    (rec,) = load_records(write(tmp_path, [UNKE]))
+    assert (rec.prompt, rec.rephrase, rec.target) == (UNKE["question"], UNKE["para_question"], UNKE["answer"])
+    assert rec.sub_questions == (("How long has George Rankin been involved in politics?", "Over a decade."),)
+
+
+def test_bad_records_give_a_clear_error(tmp_path):
+    broken = dict(UNKE)
+    del broken["answer"]
+    with pytest.raises(ValueError, match="record 1 is not a valid unke record"):
+        load_records(write(tmp_path, [UNKE, broken]), fmt="unke")
+    with pytest.raises(ValueError, match="record 0 has an empty prompt or target"):
+        load_records(write(tmp_path, [{**KNOWEDIT, "target_new": " "}]))
+    with pytest.raises(ValueError, match="unknown data format"):
+        load_records(write(tmp_path, [{"text": "x"}]))
+    with pytest.raises(ValueError, match="JSON list"):
+        load_records(write(tmp_path, {"prompt": "x"}))
+
+
+def test_text_metrics():
+    ref = "george rankin has been involved in politics for over a decade"
+    assert rouge_l(ref, ref) == pytest.approx(1.0)
+    assert bleu(ref, ref) == pytest.approx(1.0)
+    assert rouge_l(ref, "an entirely different sentence") == 0.0
+    assert bleu(ref, "an entirely different sentence") == 0.0
+    assert 0.0 < rouge_l(ref, "george rankin was in politics") < 1.0
+    assert distinct_trigrams("a b c a b c a b c a b c") < 0.5 < distinct_trigrams(ref)
