@@ -1,19 +1,5 @@
-"""Typed configuration for the HoReN editor. No environment variables are read here.
-
-How the defaults were chosen (SmolLM2-135M-Instruct on CPU, ZsRE dev records, sequential edits;
-"60" = records 0-59, "200" = records 100-299, scored as `horen eval` scores):
-- layer: -6 (= 24 of 30). Query statistics over 200 prompts: at layer 24 a rephrase is closest to
-  its own prompt's key more often (0.735) than at 18/21/27, and unrelated (NQ) prompts stay below
-  cosine 0.69. Layer -9 (21) dropped rephrase accuracy to 0.64 (60).
-- query_fraction: 0.7 with hopfield_steps 2 gave rephrase 0.954 vs 0.921 for 0.6 (60); 0.5 gave
-  0.74. On the unseen 200: (0.7, 2 steps) rephrase 0.946 vs (0.6, 1 step) 0.872, locality 1.0 both.
-- hopfield alpha 0.1 / beta 20 as in the paper; a third step changed nothing (60).
-- threshold 0.8: 0.75 gave +0.015 rephrase (60) but less margin to unrelated prompts; 0.85 lost 0.13.
-- lr 8 with Adam betas (0.5, 0.9): mean 6.7 steps per edit vs 18.4 for lr 2 / default betas, with
-  equal or better rephrase (0.904 vs 0.901, 60). Values end with norms of ~500, the scale of the
-  residual stream (~400) at layer 24.
-- stop_loss 0.05: 0.2 saved 5 steps but cost 0.02 rephrase (60).
-"""
+"""Typed configuration for the HoReN editor. No environment variables are read here. How the
+defaults were chosen, with the measurements: docs/tuning.md."""
 
 from __future__ import annotations
 
