@@ -95,6 +95,7 @@ class HorenEditor:
         self.lock = threading.RLock()
         self._next_edit_id = 1
         self._prefix_cache_ok: bool | None = None  # checked on the first fast-path edit
+        self._batched_ok: bool | None = None  # checked on the first edit with several contexts
 
     # ---- identity ---------------------------------------------------------------------------
     @property
@@ -374,15 +375,12 @@ class HorenEditor:
         value.requires_grad_(True)
         opt = torch.optim.Adam([value], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
         steps, loss_value = 0, float("nan")
-        forwards = [
-            self._step_forward(c.ids, c.rendered.end - 1, len(c.rendered.ids) - 1, len(c.target), c.hidden)
-            for c in contexts
-        ]
+        forward = self._contexts_forward(contexts)
         targets = [torch.tensor(c.target, device=self.device) for c in contexts]
         for step in range(cfg.max_steps + 1):
             losses, solved = [], True
-            for forward, target in zip(forwards, targets):
-                logits = forward(value).float()
+            for logits, target in zip(forward(value), targets):
+                logits = logits.float()
                 losses.append(F.cross_entropy(logits, target))
                 solved &= bool((logits.argmax(-1) == target).all())
             loss = torch.stack(losses).mean()
@@ -395,8 +393,58 @@ class HorenEditor:
             loss.backward()
             opt.step()
             steps += 1
-        del opt, forwards
+        del opt, forward
         return value.detach(), steps, loss_value
+
+    def _contexts_forward(self, contexts: list[_Context]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+        """value -> each context's logits at its target positions: one batched pass over the layers
+        above when every context can use the prefix cache (checked once against separate passes),
+        else one pass per context."""
+        spans = [(c.rendered.end - 1, len(c.rendered.ids) - 1, len(c.target)) for c in contexts]
+        batchable = (
+            len(contexts) > 1
+            and all(c.hidden is not None and p > 0 for c, (p, _, _) in zip(contexts, spans))
+            and self._prefix_cache_ok is not False
+            and self._batched_ok is not False
+        )
+        if batchable and self._batched_ok:
+            return self._batched_forward(contexts, spans)
+        singles = [self._step_forward(c.ids, p, first, m, c.hidden) for c, (p, first, m) in zip(contexts, spans)]
+
+        def each(value: torch.Tensor) -> list[torch.Tensor]:
+            return [f(value) for f in singles]
+
+        if batchable and self._prefix_cache_ok:  # verify once that batching changes nothing
+            batched = self._batched_forward(contexts, spans)
+            with torch.no_grad():
+                probe = torch.randn(self.codebook.value_dim, device=self.device) * 10
+                ref, got = each(probe), batched(probe)
+            tol = 1e-3 if self.model_dtype == torch.float32 else 5e-2
+            self._batched_ok = all(
+                torch.allclose(a.float(), b.float(), atol=tol * a.abs().max().item()) for a, b in zip(ref, got)
+            )
+            if self._batched_ok:
+                return batched
+        return each
+
+    def _batched_forward(
+        self, contexts: list[_Context], spans: list[tuple[int, int, int]]
+    ) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+        dtype = self.model_dtype
+        caches = [self.adapter.prefix_cache(c.hidden[:, :p]) for c, (p, _, _) in zip(contexts, spans)]
+        suffixes = [c.hidden[:, p:] for c, (p, _, _) in zip(contexts, spans)]
+        positions = [slice(first - p, first - p + m) for p, first, m in spans]
+        starts = [p for p, _, _ in spans]
+
+        def batched(value: torch.Tensor) -> list[torch.Tensor]:
+            rows = []
+            for x in suffixes:
+                onehot = torch.zeros(1, x.shape[1], 1, device=self.device, dtype=dtype)
+                onehot[0, 0] = 1
+                rows.append(x + onehot * value.to(dtype))
+            return self.adapter.upper_logits_batched(rows, starts, caches, positions)
+
+        return batched
 
     def _step_forward(
         self, seq: list[int], p: int, first: int, count: int, hidden: torch.Tensor | None

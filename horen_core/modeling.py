@@ -250,6 +250,43 @@ class ModelAdapter:
         h = self._run_upper(hidden_suffix, start, cache)[:, positions]
         return self.lm_head(self.final_norm(h) if self.final_norm is not None else h)
 
+    def upper_logits_batched(
+        self,
+        suffixes: list[torch.Tensor],
+        starts: list[int],
+        caches: list[_PrefixKV],
+        positions: list[slice],
+    ) -> list[torch.Tensor]:
+        """``upper_logits_suffix`` of several sequences in one pass (their prefixes left-padded,
+        their suffixes right-padded and both masked): the layers' weights are read once for all,
+        which is most of a small step's cost. Returns each row's logits at its ``positions``."""
+        b, t, big = len(suffixes), max(x.shape[1] for x in suffixes), max(starts)
+        ref = suffixes[0]
+        h = ref.new_zeros(b, t, ref.shape[-1])
+        for i, x in enumerate(suffixes):
+            h[i, : x.shape[1]] = x[0]
+        q = torch.arange(t, device=ref.device)
+        allowed = torch.zeros(b, t, big + t, dtype=torch.bool, device=ref.device)
+        for i, start in enumerate(starts):
+            allowed[i, :, big - start : big] = True  # the row's own prefix, left-padded to ``big``
+            allowed[i, :, big:] = q[None, :] <= q[:, None]  # causal over the suffix
+        mask = torch.zeros(b, 1, t, big + t, device=ref.device, dtype=ref.dtype)
+        mask = mask.masked_fill(~allowed[:, None], torch.finfo(ref.dtype).min)
+        cache = _PrefixKV.stack(caches, big)
+        kwargs: dict[str, Any] = {"attention_mask": mask, self._cache_kwarg(): cache}
+        if self.family == "llama":
+            position_ids = torch.tensor(starts, device=ref.device)[:, None] + q[None, :]
+            kwargs["position_ids"] = position_ids
+            kwargs["position_embeddings"] = self.rotary(h, position_ids)
+        for layer in self.layers[self.layer_index + 1 :]:
+            out = layer(h, **kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+        rows = [h[i, pos] for i, pos in enumerate(positions)]
+        lens = [r.shape[0] for r in rows]
+        flat = torch.cat(rows)
+        logits = self.lm_head(self.final_norm(flat) if self.final_norm is not None else flat)
+        return list(logits.split(lens))
+
 
 class _PrefixKV:
     """The minimal cache interface HF attention layers call (``update``): records the prefix's
@@ -258,6 +295,21 @@ class _PrefixKV:
     def __init__(self) -> None:
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.recording = True
+
+    @classmethod
+    def stack(cls, caches: list[_PrefixKV], length: int) -> _PrefixKV:
+        """One cache for a batch: each row's prefix left-padded with zeros to ``length``."""
+        out = cls()
+        out.recording = False
+        for layer_idx in caches[0].kv:
+            ks, vs = [], []
+            for c in caches:
+                k, v = c.kv[layer_idx]
+                pad = length - k.shape[-2]
+                ks.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
+                vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+            out.kv[layer_idx] = (torch.cat(ks), torch.cat(vs))
+        return out
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
         if self.recording:

@@ -126,3 +126,32 @@ def test_default_procedure_stops_early_and_runs_the_lower_layers_once(tiny_llama
     assert res.steps == len(opt_steps) < 50
     assert len(embeds) == 1, "the layers below the edited one run once per edit"
     assert editor.generate(["the capital of France is"], max_new_tokens=1)[0].token_ids == list(res.answer)
+
+
+def test_batched_contexts_equal_separate_passes(tiny_model, make_editor):
+    """The plain and chat contexts of one edit trained in one batched pass over the layers above
+    (prefixes left-padded, suffixes right-padded) give each context's own logits and gradients."""
+    import copy
+
+    from tests.horen_core.test_prompting import CHATML
+
+    model, tok = tiny_model
+    tok = copy.deepcopy(tok)
+    tok.chat_template = CHATML
+    editor = make_editor(model, tok, HorenConfig(layer=1))
+    contexts = editor._contexts("who wrote the capital of France is", "Alice Bob")
+    assert len(contexts) == 2 and len(contexts[0].rendered.ids) != len(contexts[1].rendered.ids)
+    for c in contexts:
+        editor._prepare(c)
+    spans = [(c.rendered.end - 1, len(c.rendered.ids) - 1, len(c.target)) for c in contexts]
+    batched = editor._batched_forward(contexts, spans)
+    singles = [editor._step_forward(c.ids, p, f, m, c.hidden) for c, (p, f, m) in zip(contexts, spans)]
+    v_b = some_value(editor).requires_grad_(True)
+    v_s = some_value(editor).requires_grad_(True)
+    got, ref = batched(v_b), [f(v_s) for f in singles]
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    sum(F.cross_entropy(a, torch.tensor(c.target)) for a, c in zip(got, contexts)).backward()
+    sum(F.cross_entropy(b, torch.tensor(c.target)) for b, c in zip(ref, contexts)).backward()
+    torch.testing.assert_close(v_b.grad, v_s.grad, atol=1e-5, rtol=1e-4)
+    assert v_b.grad.abs().sum() > 0
