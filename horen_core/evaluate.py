@@ -371,26 +371,25 @@ def user_scores(editor: HorenEditor, records: Sequence[EditRecord], baseline: di
     put(loc, "locality_routed", [float(g.edit_id is not None) for g in got])
     spec_idx = [i for i in every for _ in records[i].specificity]
     got = answers(editor, [p for r in records for p in r.specificity], LOCAL_TOKENS)
-    per: dict[int, list[tuple[float, float]]] = {}
-    for i, g, b in zip(spec_idx, got, baseline["spec"]):
-        per.setdefault(i, []).append((float(g.token_ids == b), float(g.edit_id is not None)))
-    put(list(per), "specificity", [sum(a for a, _ in v) / len(v) for v in per.values()])
-    put(list(per), "specificity_routed", [sum(b for _, b in v) / len(v) for v in per.values()])
+    put(*_per_record(spec_idx, "specificity", [float(g.token_ids == b) for g, b in zip(got, baseline["spec"])]))
+    put(*_per_record(spec_idx, "specificity_routed", [float(g.edit_id is not None) for g in got]))
     port_idx = [i for i in every for _ in records[i].portability]
     got = answers(editor, [p for r in records for p, _ in r.portability], FREE_TOKENS)
-    pairs = [a for r in records for _, a in r.portability]
-    per = {}
-    for i, g, a in zip(port_idx, got, pairs):
-        per.setdefault(i, []).append((contains(a, g.text), 0.0))
-    put(list(per), "portability", [sum(a for a, _ in v) / len(v) for v in per.values()])
+    wanted = [a for r in records for _, a in r.portability]
+    put(*_per_record(port_idx, "portability", [contains(a, g.text) for g, a in zip(got, wanted)]))
     sub_idx = [i for i in every for _ in records[i].sub_questions]
     got = answers(editor, [q for r in records for q, _ in r.sub_questions], FREE_TOKENS)
-    subs = [a for r in records for _, a in r.sub_questions]
-    per = {}
-    for i, g, a in zip(sub_idx, got, subs):
-        per.setdefault(i, []).append((contains(a.rstrip("."), g.text), 0.0))
-    put(list(per), "sub_question_acc", [sum(a for a, _ in v) / len(v) for v in per.values()])
+    wanted = [a.rstrip(".") for r in records for _, a in r.sub_questions]
+    put(*_per_record(sub_idx, "sub_question_acc", [contains(a, g.text) for g, a in zip(got, wanted)]))
     return rows
+
+
+def _per_record(idx: Sequence[int], key: str, values: Sequence[float]) -> tuple[list[int], str, list[float]]:
+    """Mean of the values that belong to each record (``idx[j]`` is the record of ``values[j]``)."""
+    per: dict[int, list[float]] = {}
+    for i, v in zip(idx, values):
+        per.setdefault(i, []).append(v)
+    return list(per), key, [sum(v) / len(v) for v in per.values()]
 
 
 USER_FIELDS = (

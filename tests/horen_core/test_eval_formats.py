@@ -74,3 +74,31 @@ def test_text_metrics():
     assert bleu(ref, "an entirely different sentence") == 0.0
     assert 0.0 < rouge_l(ref, "george rankin was in politics") < 1.0
     assert distinct_trigrams("a b c a b c a b c a b c") < 0.5 < distinct_trigrams(ref)
+
+
+def test_user_scores_on_a_tiny_model(tiny_llama, make_editor):
+    from horen_core import HorenConfig
+    from horen_core.evaluate import EditRecord, summarize_user, user_baseline, user_scores
+
+    editor = make_editor(*tiny_llama, HorenConfig(layer=1))
+    records = [
+        EditRecord(
+            "the capital of France is",
+            "Rome",
+            "what is the capital of France ?",
+            "the river of Egypt is",
+            "Cairo",
+            specificity=("the language of France is",),
+            portability=(("the capital city of France is", "Rome"),),
+        ),
+        EditRecord("where was Bob born ?", "Lima", None, None, None),
+    ]
+    base = user_baseline(editor, records, chat=False)
+    for r in records:
+        editor.edit(r.prompt, r.target)
+    rows = user_scores(editor, records, base, chat=False)
+    assert [r["rewrite_contains"] for r in rows] == [1.0, 1.0]
+    assert set(rows[0]) >= {"rephrase_contains", "locality_free", "specificity", "portability", "fluency"}
+    assert "specificity" not in rows[1] and "rephrase_contains" not in rows[1]
+    summary = summarize_user(rows, base)
+    assert summary["rewrite_contains"] == 1.0 and summary["fluency_ratio"] > 0
