@@ -434,15 +434,18 @@ class HorenEditor:
         caches = [self.adapter.prefix_cache(c.hidden[:, :p]) for c, (p, _, _) in zip(contexts, spans)]
         suffixes = [c.hidden[:, p:] for c, (p, _, _) in zip(contexts, spans)]
         positions = [slice(first - p, first - p + m) for p, first, m in spans]
-        starts = [p for p, _, _ in spans]
+        batch = self.adapter.suffix_batch(caches, [p for p, _, _ in spans], [x.shape[1] for x in suffixes])
+
+        onehots = []
+        for x in suffixes:  # the value goes in at each suffix's first position
+            onehot = torch.zeros(1, x.shape[1], 1, device=self.device, dtype=dtype)
+            onehot[0, 0] = 1
+            onehots.append(onehot)
 
         def batched(value: torch.Tensor) -> list[torch.Tensor]:
-            rows = []
-            for x in suffixes:
-                onehot = torch.zeros(1, x.shape[1], 1, device=self.device, dtype=dtype)
-                onehot[0, 0] = 1
-                rows.append(x + onehot * value.to(dtype))
-            return self.adapter.upper_logits_batched(rows, starts, caches, positions)
+            v = value.to(dtype)
+            rows = [x + onehot * v for x, onehot in zip(suffixes, onehots)]
+            return self.adapter.upper_logits_batched(rows, batch, positions)
 
         return batched
 

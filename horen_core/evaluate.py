@@ -211,11 +211,12 @@ def score(editor: HorenEditor, records: Sequence[EditRecord], baseline_loc: Sequ
 
 
 def summarize(rows: list[dict]) -> dict:
-    def mean(key: str) -> float | None:
-        vals = [r[key] for r in rows if key in r]
-        return round(sum(vals) / len(vals), 4) if vals else None
+    keys = ("rewrite_acc", "rephrase_acc", "locality", "rewrite_acc_tf", "rephrase_acc_tf")
+    return {k: _mean([r[k] for r in rows if k in r]) for k in keys}
 
-    return {k: mean(k) for k in ("rewrite_acc", "rephrase_acc", "locality", "rewrite_acc_tf", "rephrase_acc_tf")}
+
+def _mean(vals: Sequence[float]) -> float | None:
+    return round(sum(vals) / len(vals), 4) if vals else None
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -415,12 +416,9 @@ def summarize_user(rows: list[dict], baseline: dict) -> dict:
     """Means of ``user_scores`` rows; ``fluency_ratio`` is the edited answers' mean distinct-3-gram
     ratio over the unedited ones'; ``chat_ends_base`` how often unedited chat replies end."""
 
-    def mean(vals: list[float]) -> float | None:
-        return round(sum(vals) / len(vals), 4) if vals else None
-
-    out = {k: mean([r[k] for r in rows if k in r]) for k in USER_FIELDS}
-    edited, base = mean([r["fluency"] for r in rows if "fluency" in r]), mean(baseline["fluency"])
+    out = {k: _mean([r[k] for r in rows if k in r]) for k in USER_FIELDS}
+    edited, base = _mean([r["fluency"] for r in rows if "fluency" in r]), _mean(baseline["fluency"])
     out["fluency_ratio"] = round(edited / base, 4) if edited is not None and base else None
     if "chat_ends" in baseline:
-        out["chat_ends_base"] = mean(baseline["chat_ends"])
+        out["chat_ends_base"] = _mean(baseline["chat_ends"])
     return {k: v for k, v in out.items() if v is not None}

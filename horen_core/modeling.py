@@ -207,8 +207,13 @@ class ModelAdapter:
             k_pos = k_pos + start
         mask = torch.zeros(t, k_pos.shape[1], device=h.device, dtype=h.dtype)
         mask = mask.masked_fill(k_pos > q_pos, torch.finfo(h.dtype).min)[None, None]
+        return self._layers_above(h, mask, torch.arange(start, total, device=h.device)[None], cache)
+
+    def _layers_above(
+        self, h: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: _PrefixKV | None
+    ) -> torch.Tensor:
+        """The decoder layers above the edited one on ``h`` with an additive attention ``mask``."""
         kwargs: dict[str, Any] = {"attention_mask": mask}
-        position_ids = torch.arange(start, total, device=h.device)[None]
         if self.family == "llama":
             kwargs["position_ids"] = position_ids
             kwargs["position_embeddings"] = self.rotary(h, position_ids)
@@ -218,6 +223,9 @@ class ModelAdapter:
             out = layer(h, **kwargs)
             h = out[0] if isinstance(out, tuple) else out
         return h
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.final_norm(h) if self.final_norm is not None else h)
 
     def _cache_kwarg(self) -> str:
         import inspect
@@ -231,8 +239,7 @@ class ModelAdapter:
     def upper_logits(self, hidden: torch.Tensor, positions: slice) -> torch.Tensor:
         """Run the layers above the edited one on ``hidden`` (the edited layer's output for one
         unpadded sequence [1, S, d]) and return logits only at ``positions``."""
-        h = self._run_upper(hidden, 0, None)[:, positions]
-        return self.lm_head(self.final_norm(h) if self.final_norm is not None else h)
+        return self._logits(self._run_upper(hidden, 0, None)[:, positions])
 
     @torch.no_grad()
     def prefix_cache(self, hidden_prefix: torch.Tensor) -> _PrefixKV:
@@ -247,45 +254,45 @@ class ModelAdapter:
     ) -> torch.Tensor:
         """Logits at ``positions`` (relative to the suffix) of a suffix that starts at absolute
         position ``start``, given the prefix's cached keys/values."""
-        h = self._run_upper(hidden_suffix, start, cache)[:, positions]
-        return self.lm_head(self.final_norm(h) if self.final_norm is not None else h)
+        return self._logits(self._run_upper(hidden_suffix, start, cache)[:, positions])
 
-    def upper_logits_batched(
-        self,
-        suffixes: list[torch.Tensor],
-        starts: list[int],
-        caches: list[_PrefixKV],
-        positions: list[slice],
-    ) -> list[torch.Tensor]:
-        """``upper_logits_suffix`` of several sequences in one pass (their prefixes left-padded,
-        their suffixes right-padded and both masked): the layers' weights are read once for all,
-        which is most of a small step's cost. Returns each row's logits at its ``positions``."""
-        b, t, big = len(suffixes), max(x.shape[1] for x in suffixes), max(starts)
-        ref = suffixes[0]
-        h = ref.new_zeros(b, t, ref.shape[-1])
-        for i, x in enumerate(suffixes):
-            h[i, : x.shape[1]] = x[0]
+    def suffix_batch(self, caches: list[_PrefixKV], starts: list[int], lengths: list[int]) -> SuffixBatch:
+        """What ``upper_logits_batched`` needs for suffixes of these ``lengths`` starting at
+        ``starts`` after prefixes with these ``caches``: prefixes left-padded and suffixes
+        right-padded to one length, both masked. Built once, used for every training step."""
+        ref = next(iter(caches[0].kv.values()))[0]
+        t, big = max(lengths), max(starts)
         q = torch.arange(t, device=ref.device)
-        allowed = torch.zeros(b, t, big + t, dtype=torch.bool, device=ref.device)
+        allowed = torch.zeros(len(starts), t, big + t, dtype=torch.bool, device=ref.device)
         for i, start in enumerate(starts):
             allowed[i, :, big - start : big] = True  # the row's own prefix, left-padded to ``big``
             allowed[i, :, big:] = q[None, :] <= q[:, None]  # causal over the suffix
-        mask = torch.zeros(b, 1, t, big + t, device=ref.device, dtype=ref.dtype)
+        mask = torch.zeros(len(starts), 1, t, big + t, device=ref.device, dtype=ref.dtype)
         mask = mask.masked_fill(~allowed[:, None], torch.finfo(ref.dtype).min)
-        cache = _PrefixKV.stack(caches, big)
-        kwargs: dict[str, Any] = {"attention_mask": mask, self._cache_kwarg(): cache}
-        if self.family == "llama":
-            position_ids = torch.tensor(starts, device=ref.device)[:, None] + q[None, :]
-            kwargs["position_ids"] = position_ids
-            kwargs["position_embeddings"] = self.rotary(h, position_ids)
-        for layer in self.layers[self.layer_index + 1 :]:
-            out = layer(h, **kwargs)
-            h = out[0] if isinstance(out, tuple) else out
+        position_ids = torch.tensor(starts, device=ref.device)[:, None] + q[None, :]
+        return SuffixBatch(_PrefixKV.stack(caches, big), mask, position_ids)
+
+    def upper_logits_batched(
+        self, suffixes: list[torch.Tensor], batch: SuffixBatch, positions: list[slice]
+    ) -> list[torch.Tensor]:
+        """``upper_logits_suffix`` of several sequences in one pass: the layers' weights are read
+        once for all, which is most of a small step's cost. Returns each row's logits at its
+        ``positions``."""
+        ref = suffixes[0]
+        h = ref.new_zeros(len(suffixes), batch.mask.shape[2], ref.shape[-1])
+        for i, x in enumerate(suffixes):
+            h[i, : x.shape[1]] = x[0]
+        h = self._layers_above(h, batch.mask, batch.position_ids, batch.cache)
         rows = [h[i, pos] for i, pos in enumerate(positions)]
-        lens = [r.shape[0] for r in rows]
-        flat = torch.cat(rows)
-        logits = self.lm_head(self.final_norm(flat) if self.final_norm is not None else flat)
-        return list(logits.split(lens))
+        logits = self._logits(torch.cat(rows))
+        return list(logits.split([r.shape[0] for r in rows]))
+
+
+@dataclass(frozen=True)
+class SuffixBatch:
+    cache: _PrefixKV  # every row's prefix keys/values, left-padded
+    mask: torch.Tensor  # [B, 1, T, P + T] additive attention mask
+    position_ids: torch.Tensor  # [B, T]
 
 
 class _PrefixKV:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from horen_core import HorenConfig
+from horen_core.evaluate import chat_prompt, distinct_trigrams
 
 pytestmark = pytest.mark.real_model
 
@@ -18,47 +19,34 @@ PLAIN = [RECORDS[i] for i in (1, 2, 3)]
 CHAT = [RECORDS[i] for i in (5, 6, 7)]
 
 
-def chat_text(tok, question: str) -> str:
-    return tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
-
-
-def distinct_trigrams(text: str) -> float:
-    w = text.split()
-    grams = [tuple(w[i : i + 3]) for i in range(len(w) - 2)]
-    return len(set(grams)) / len(grams) if grams else 1.0
-
-
 @pytest.fixture(scope="module")
 def chat_editor(real_model):
     from horen_core import HorenEditor
 
-    model, tok = real_model
-    editor = HorenEditor(model, tok, HorenConfig())
+    editor = HorenEditor(*real_model, HorenConfig())
     try:
         for r in PLAIN:
             editor.edit(r["src"], r["answers"][0])  # format auto: plain text
         for r in CHAT:
-            editor.edit(chat_text(tok, r["src"]), r["answers"][0])  # auto detects the template
+            editor.edit(chat_prompt(editor, r["src"]), r["answers"][0])  # auto detects the template
         yield editor
     finally:
         editor.unwrap()
 
 
 def test_a_plain_edit_answers_in_chat_and_a_chat_edit_in_plain(chat_editor):
-    tok = chat_editor.tokenizer
     for r in PLAIN + CHAT:
         target = r["answers"][0]
-        plain, chat = chat_editor.generate([r["src"], chat_text(tok, r["src"])], max_new_tokens=24)
+        plain, chat = chat_editor.generate([r["src"], chat_prompt(chat_editor, r["src"])], max_new_tokens=24)
         assert target in plain.text, (r["src"], plain.text)
         assert target in chat.text, (r["src"], chat.text)
         assert plain.edit_id is not None and plain.edit_id == chat.edit_id
 
 
 def test_the_text_after_an_edited_fact_is_not_a_loop(chat_editor):
-    tok = chat_editor.tokenizer
     for r in PLAIN + CHAT:
         target = r["answers"][0]
-        for prompt in (r["src"], chat_text(tok, r["src"])):
+        for prompt in (r["src"], chat_prompt(chat_editor, r["src"])):
             got = chat_editor.generate([prompt], max_new_tokens=32)[0]
             assert got.text.count(target) <= 2, (prompt, got.text)
             assert distinct_trigrams(got.text) >= 0.7, (prompt, got.text)
