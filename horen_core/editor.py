@@ -187,7 +187,9 @@ class HorenEditor:
 
         A routed row runs with its edit's value until the text states the edit's target; from
         there the unedited model continues it (the prompt and the text so far prefilled again
-        without the value), so what follows the edited fact reads as the model's own text."""
+        without the value), so what follows the edited fact reads as the model's own text. A row
+        that has not stated the target a few tokens past its length is answered by the unedited
+        model from the prompt: the edit did not apply to it."""
         seqs = (
             [list(s) for s in prompt_ids]
             if prompt_ids is not None
@@ -214,8 +216,8 @@ class HorenEditor:
             new = out[:, ids.shape[1] :].tolist()
             eos = self.tokenizer.eos_token_id
             for i, n in stop.stated.items():
-                new[i] = new[i][:n]
-            rest = [i for i, n in stop.stated.items() if n < budget]
+                new[i] = [] if i in stop.missed else new[i][:n]
+            rest = [i for i, n in stop.stated.items() if len(new[i]) < budget]
             if rest:  # hand the rows that stated their target to the unedited model
                 more, more_mask = self._pad_left([seqs[i] + new[i] for i in rest])
                 left = max(budget - len(new[i]) for i in rest)
@@ -585,15 +587,16 @@ _PATIENCE = 8
 
 
 class _TargetStated(StoppingCriteria):
-    """Stops each routed row once its generated text contains its edit's target (or has run
-    ``_PATIENCE`` tokens past the target's length without it); ``stated`` maps those rows to how
-    many tokens they had then."""
+    """Stops each routed row once its generated text contains its edit's target, or once it has run
+    ``_PATIENCE`` tokens past the target's length without it (those rows are in ``missed``);
+    ``stated`` maps the stopped rows to how many tokens they had then."""
 
     def __init__(self, editor: HorenEditor, plan: RoutePlan, prompt_width: int) -> None:
         self.editor, self.plan, self.width = editor, plan, prompt_width
         self.answers: dict[int, str] | None = None
         self.patience: dict[int, int] = {}
         self.stated: dict[int, int] = {}
+        self.missed: set[int] = set()
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -604,16 +607,18 @@ class _TargetStated(StoppingCriteria):
                 for i, e in enumerate(self.plan.entry_ids)
                 if e is not None
             }
-            # a row that has not stated its target a few tokens after its length is handed over too
+            # a row that has not stated its target a few tokens past its length is answered unedited
             self.patience = {i: len(cb.entry(self.plan.entry_ids[i]).answer) + _PATIENCE for i in self.answers}
         n = input_ids.shape[1] - self.width
         for i, answer in self.answers.items():
             if i in self.stated:
                 done[i] = True
-            elif n >= self.patience[i] or (
-                answer and answer in self.editor.tokenizer.decode(input_ids[i, self.width :].tolist())
-            ):
+            elif answer and answer in self.editor.tokenizer.decode(input_ids[i, self.width :].tolist()):
                 self.stated[i] = n
+                done[i] = True
+            elif n >= self.patience[i]:
+                self.stated[i] = n
+                self.missed.add(i)
                 done[i] = True
         return done
 

@@ -99,3 +99,18 @@ def test_a_routed_row_is_handed_to_the_unedited_model_after_its_target(tiny_llam
             )[0, ids_t.shape[1] :].tolist()
     assert raw[: len(res.answer)] == list(res.answer)
     assert raw != got.token_ids
+
+
+def test_a_routed_row_that_never_states_its_target_is_answered_unedited(tiny_llama, make_editor):
+    model, tok = tiny_llama
+    editor = make_editor(model, tok, HorenConfig(layer=1))
+    prompt = "where was Bob born ?"
+    res = editor.edit(prompt, "Lima")
+    # an answer the routed text cannot contain (words outside the tiny vocabulary decode to [UNK])
+    editor.codebook.entry(res.entry_id).answer = tuple(tok("[UNK] [UNK] [UNK]", add_special_tokens=False)["input_ids"])
+    n = 16
+    got = editor.generate([prompt], max_new_tokens=n, min_new_tokens=n)[0]
+    unedited = editor.generate([prompt], max_new_tokens=n, min_new_tokens=n, edited=False)[0]
+    assert got.entry_id == res.entry_id, "the prompt is still routed to the edit"
+    assert got.token_ids == unedited.token_ids
+    assert got.token_ids[:1] != [tok.convert_tokens_to_ids("Lima")], "the value alone would have said Lima"
