@@ -29,6 +29,8 @@ from horen_core.prompting import ChatFormat, Rendered, resolve_question
 from horen_core.retrieval import HopfieldRetriever
 
 CandidateProvider = Callable[[torch.Tensor], torch.Tensor | None]
+# called by generate per row and step with the row's newly final tokens; False stops the row
+RowStream = Callable[[int, list[int]], bool]
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,8 @@ class HorenEditor:
         edited: bool = True,
         prompt_ids: Sequence[Sequence[int]] | None = None,
         min_new_tokens: int = 0,
+        top_p: float = 1.0,
+        stream: RowStream | None = None,
     ) -> list[Generation]:
         """Generate continuations for a batch; each row is routed on its own, once, in the prefill.
 
@@ -189,7 +193,13 @@ class HorenEditor:
         there the unedited model continues it (the prompt and the text so far prefilled again
         without the value), so what follows the edited fact reads as the model's own text. A row
         that has not stated the target a few tokens past its length is answered by the unedited
-        model from the prompt: the edit did not apply to it."""
+        model from the prompt: the edit did not apply to it.
+
+        ``stream(row, ids)``, when given, is called on this thread after every decoding step, for
+        every row, with that row's tokens that have become final (often none): the concatenation
+        of a row's calls is its ``token_ids``. A routed row's tokens are held back until it has
+        stated its target (a row that misses it is answered again, so its start is never sent).
+        ``stream`` returning False stops that row; its result is then what it was sent."""
         seqs = (
             [list(s) for s in prompt_ids]
             if prompt_ids is not None
@@ -200,36 +210,43 @@ class HorenEditor:
             "pad_token_id": self.tokenizer.pad_token_id,
         }
         if temperature > 0:
-            gen_kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+            gen_kwargs.update(temperature=temperature, top_k=0, top_p=top_p)
         ids, mask = self._pad_left(seqs)
         budget = max_new_tokens
+        eos = self.tokenizer.eos_token_id
+        release = _Release(stream, len(seqs), eos, budget) if stream is not None else None
         with self.lock:
             plan = self._route_plan(self._question_mask(seqs, [len(q) for q in seqs], ids.shape[1]))
             stop = _TargetStated(self, plan, ids.shape[1])
             kwargs = {**gen_kwargs, "max_new_tokens": budget, "min_new_tokens": min(min_new_tokens, budget)}
+            rows = list(range(len(seqs)))
             if edited:
+                watch = [stop] + ([release.pass_over(rows, ids.shape[1], hold=stop)] if release else [])
                 with activate(plan):
-                    out = self.model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=[stop], **kwargs)
+                    out = self.model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=watch, **kwargs)
             else:
-                out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+                watch = [release.pass_over(rows, ids.shape[1])] if release else []
+                out = self.model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=watch, **kwargs)
             owners = [self.codebook.owner_edit(e) if e is not None else None for e in plan.entry_ids]
             new = out[:, ids.shape[1] :].tolist()
-            eos = self.tokenizer.eos_token_id
             for i, n in stop.stated.items():
                 new[i] = [] if i in stop.missed else new[i][:n]
-            rest = [i for i, n in stop.stated.items() if len(new[i]) < budget]
+            rest = [i for i, n in stop.stated.items() if len(new[i]) < budget and not (release and release.stopped(i))]
             if rest:  # hand the rows that stated their target to the unedited model
                 more, more_mask = self._pad_left([seqs[i] + new[i] for i in rest])
                 left = max(budget - len(new[i]) for i in rest)
                 floor = max(min_new_tokens - min(len(new[i]) for i in rest), 0)
                 kwargs = {**gen_kwargs, "max_new_tokens": left, "min_new_tokens": min(floor, left)}
-                tail = self.model.generate(input_ids=more, attention_mask=more_mask, **kwargs)
+                watch = [release.pass_over(rest, more.shape[1], before=[new[i] for i in rest])] if release else []
+                tail = self.model.generate(input_ids=more, attention_mask=more_mask, stopping_criteria=watch, **kwargs)
                 for row, i in enumerate(rest):
                     new[i] = new[i] + tail[row, more.shape[1] :].tolist()[: budget - len(new[i])]
         results = []
         for i, toks in enumerate(new):
             if eos is not None and eos in toks:
                 toks = toks[: toks.index(eos)]
+            if release is not None:
+                toks = release.finish(i, toks)
             entry = plan.entry_ids[i] if plan.entry_ids else None
             score = float(plan.scores[i]) if plan.scores is not None else 0.0
             text = self.tokenizer.decode(toks, skip_special_tokens=True)
@@ -581,6 +598,78 @@ class HorenEditor:
 
 class _StopForward(Exception):
     pass
+
+
+class _Release:
+    """The tokens ``generate`` hands to a ``stream`` hook: each row's final tokens, once known, sent
+    once, cut at the end of text and the budget; rows whose hook returned False are stopped."""
+
+    def __init__(self, stream: RowStream, rows: int, eos: int | None, budget: int) -> None:
+        self.stream, self.eos, self.budget = stream, eos, budget
+        self.sent: list[list[int]] = [[] for _ in range(rows)]
+        self.ended: set[int] = set()  # reached the end of text or the budget: nothing more to send
+        self.cancelled: set[int] = set()
+
+    def stopped(self, i: int) -> bool:
+        return i in self.cancelled
+
+    def offer(self, i: int, toks: list[int] | None) -> None:
+        """Row ``i``'s final tokens so far (from its first; None: none known yet); sends what is new."""
+        if i in self.cancelled:
+            return
+        new: list[int] = []
+        if toks is not None and i not in self.ended:
+            if toks[: len(self.sent[i])] != self.sent[i]:
+                raise CorruptStateError(f"row {i}'s tokens changed after they were streamed")
+            new = toks[len(self.sent[i]) :]
+            if self.eos is not None and self.eos in new:
+                new = new[: new.index(self.eos)]
+                self.ended.add(i)
+            new = new[: self.budget - len(self.sent[i])]
+            self.sent[i] += new
+            if len(self.sent[i]) >= self.budget:
+                self.ended.add(i)
+        if not self.stream(i, new):
+            self.cancelled.add(i)
+
+    def finish(self, i: int, toks: list[int]) -> list[int]:
+        """Row ``i``'s result: its final tokens, the rest of them sent; a stopped row's, what it was sent."""
+        if i not in self.cancelled and i not in self.ended:
+            self.offer(i, toks)
+        return self.sent[i]
+
+    def pass_over(
+        self, rows: list[int], width: int, hold: _TargetStated | None = None, before: list[list[int]] | None = None
+    ) -> _Released:
+        return _Released(self, rows, width, hold, before or [[] for _ in rows])
+
+
+class _Released(StoppingCriteria):
+    """One ``model.generate`` pass of ``_Release``: batch row b is generate's row ``rows[b]``, whose
+    tokens before this pass are ``before[b]``. With ``hold`` (the pass's ``_TargetStated``, which
+    must run first), a routed row's tokens are final only once it has stated its target."""
+
+    def __init__(
+        self, release: _Release, rows: list[int], width: int, hold: _TargetStated | None, before: list[list[int]]
+    ) -> None:
+        self.release, self.rows, self.width, self.hold, self.before = release, rows, width, hold, before
+        self.tails: list[list[int]] = [[] for _ in rows]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        k = input_ids.shape[1] - self.width - len(self.tails[0])
+        for tail, row in zip(self.tails, input_ids[:, input_ids.shape[1] - k :].tolist()):
+            tail += row
+        routed = (self.hold.answers or {}) if self.hold is not None else {}
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for b, i in enumerate(self.rows):
+            if i not in routed:
+                self.release.offer(i, self.before[b] + self.tails[b])
+            elif i in self.hold.stated and i not in self.hold.missed:
+                self.release.offer(i, self.tails[b][: self.hold.stated[i]])
+            else:  # held: it may yet miss its target and be answered again
+                self.release.offer(i, None)
+            done[b] = self.release.stopped(i)
+        return done
 
 
 _PATIENCE = 8
