@@ -18,12 +18,12 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from horen_core import HorenEditor, load_model
-from horen_core.errors import UnknownEditError
+from horen_core.errors import InvalidInputError, UnknownEditError
 from service.db import repository as repo
 from service.db.session import make_engine, make_session_factory
 from service.index import KeyIndex
@@ -62,6 +62,77 @@ class Job:
 class GenerateResult:
     text: str
     edit_id: int | None
+    finish_reason: str = "length"  # "stop": end of text or a stop string; "length": max_new_tokens reached
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class TokenSink(Protocol):
+    """Where a streamed generate job's text goes, called on the engine thread: neither may block.
+    Everything ``put`` is called with, in order, is the job's final ``GenerateResult.text``."""
+
+    def put(self, text: str) -> None: ...
+
+    def cancelled(self) -> bool: ...
+
+
+class _RowText:
+    """One generate job's answer while it is generated: decodes its tokens, cuts it at the first
+    stop string, and hands the text that can no longer change to the job's sink (if any). Its
+    ``push`` is the job's row hook for ``HorenEditor.generate``: False once the row needs no more."""
+
+    def __init__(self, tokenizer: Any, payload: dict, metrics: Metrics) -> None:
+        self.tokenizer, self.metrics = tokenizer, metrics
+        self.sink: TokenSink | None = payload.get("sink")
+        self.stops: list[str] = [s for s in payload.get("stop") or [] if s]
+        self.limit = payload["max_new_tokens"]
+        self.ids: list[int] = []
+        self.sent = ""
+        self.done = False
+
+    def push(self, ids: list[int]) -> bool:
+        if self.sink is not None and self.sink.cancelled():
+            self.metrics.streams_stopped.inc()
+            self.done = True
+            return False
+        if not ids or self.done:
+            return not self.done
+        self.ids = (self.ids + ids)[: self.limit]
+        self.done = len(self.ids) >= self.limit
+        text, stopped = cut_at_stop(self.tokenizer.decode(self.ids, skip_special_tokens=True), self.stops)
+        self.done = self.done or stopped
+        self._send(text if self.done else text[: len(text) - self._unsettled(text)])
+        return not self.done
+
+    def _unsettled(self, text: str) -> int:
+        """How many trailing characters may still change: a partial UTF-8 character, or the start of a stop string."""
+        hold = len(text) - len(text.rstrip("\ufffd"))
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return hold
+
+    def _send(self, text: str) -> None:
+        if self.sink is None or len(text) <= len(self.sent):
+            return
+        if not text.startswith(self.sent):  # a tokenizer whose decode of a prefix is not a prefix
+            log.warning("streamed text diverged from the decoded answer; the rest is not sent")
+            return
+        self.sink.put(text[len(self.sent) :])
+        self.sent = text
+
+    def finish(self, text: str) -> None:
+        """Send what is left of the final answer."""
+        if self.sink is not None and not self.sink.cancelled():
+            self._send(text)
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the first of ``stops`` in it, and whether one was found."""
+    cuts = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 class Engine:
@@ -166,22 +237,45 @@ class Engine:
                 break
             batch.append(nxt)
         batch = [j for j in batch if j.future.set_running_or_notify_cancel()]
-        groups: dict[float, list[Job]] = {}
+        groups: dict[tuple, list[Job]] = {}
         for j in batch:
-            key = (float(j.payload["temperature"]), bool(j.payload.get("edits", True)))
+            temperature = float(j.payload["temperature"])
+            top_p = float(j.payload.get("top_p", 1.0)) if temperature > 0 else 1.0
+            seed = j.payload.get("seed") if temperature > 0 else None
+            # a seeded sample runs alone, so that its draws do not depend on what it was batched with
+            alone = id(j) if seed is not None else None
+            key = (temperature, bool(j.payload.get("edits", True)), top_p, seed, alone)
             groups.setdefault(key, []).append(j)
-        for (temperature, edited), jobs in groups.items():
-            self._generate_group(jobs, temperature, edited)
+        for (temperature, edited, top_p, seed, _), jobs in groups.items():
+            self._generate_group(jobs, temperature, edited, top_p=top_p, seed=seed)
 
     def _prompt_ids(self, payload: dict) -> list[int]:
         editor = self.editor
+        if payload.get("messages") is not None:
+            ids = self._chat_ids(payload["messages"])
+            editor.check_length(ids, payload["max_new_tokens"])
+            return ids
         if payload.get("format", "plain") == "chat":
             ids = editor.chat.render(payload["prompt"]).ids
             editor.check_length(ids, payload["max_new_tokens"])
             return ids
         return editor.encode_prompt(payload["prompt"], reserve=payload["max_new_tokens"])
 
-    def _generate_group(self, jobs: list[Job], temperature: float, edited: bool = True) -> None:
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
+        """Messages in the model's chat template, ready for the assistant's answer (the template's
+        own special tokens included, so none are added)."""
+        tok = self.editor.tokenizer
+        if not self.editor.chat.available:
+            raise InvalidInputError("this model's tokenizer has no chat template; use /v1/completions")
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # the template's own checks (role order, ...) raise plain exceptions
+            raise InvalidInputError(f"the chat template refused these messages: {exc}") from exc
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    def _generate_group(
+        self, jobs: list[Job], temperature: float, edited: bool = True, top_p: float = 1.0, seed: int | None = None
+    ) -> None:
         editor = self.editor
         assert editor is not None
         ok: list[tuple[Job, list[int]]] = []
@@ -193,20 +287,37 @@ class Engine:
         if not ok:
             return
         n = max(j.payload["max_new_tokens"] for j, _ in ok)
+        rows = [_RowText(editor.tokenizer, j.payload, self.metrics) for j, _ in ok]
+        # the row hook costs a decode per step, so only batches that stream or stop early get it
+        hook = any(r.sink is not None or r.stops for r in rows)
+        for r in rows:
+            if r.sink is not None:
+                r.sink.put("")  # the job has started: its prompt was accepted
         t0 = time.perf_counter()
         try:
+            if seed is not None:
+                torch.manual_seed(seed)
             gens = editor.generate(
-                [], max_new_tokens=n, temperature=temperature, edited=edited, prompt_ids=[ids for _, ids in ok]
+                [],
+                max_new_tokens=n,
+                temperature=temperature,
+                edited=edited,
+                prompt_ids=[ids for _, ids in ok],
+                top_p=top_p,
+                stream=(lambda i, ids: rows[i].push(ids)) if hook else None,
             )
         except Exception as exc:
             for j, _ in ok:
                 j.future.set_exception(exc)
             return
         self.metrics.generate_batch.observe(len(ok))
-        for (j, _), g in zip(ok, gens):
-            toks = g.token_ids[: j.payload["max_new_tokens"]]
-            text = editor.tokenizer.decode(toks, skip_special_tokens=True)
-            j.future.set_result(GenerateResult(text=text, edit_id=g.edit_id))
+        for (j, ids), g, row in zip(ok, gens, rows):
+            limit = j.payload["max_new_tokens"]
+            toks = g.token_ids[:limit]
+            text, stopped = cut_at_stop(editor.tokenizer.decode(toks, skip_special_tokens=True), row.stops)
+            row.finish(text)
+            finish = "stop" if stopped or len(toks) < limit else "length"
+            j.future.set_result(GenerateResult(text, g.edit_id, finish, len(ids), len(toks)))
             self.metrics.generate_latency.observe(time.perf_counter() - j.accepted)
         log.debug("generated %d in %.3fs", len(ok), time.perf_counter() - t0)
 
@@ -353,18 +464,21 @@ class Engine:
                 self._stop.wait(1.0)
 
     # ---- handlers ----------------------------------------------------------------------------
-    def _do_edit(self, prompt: str, target: str, metadata: dict | None = None, format: str = "auto") -> Any:
+    def _do_edit(
+        self, prompt: str, target: str, metadata: dict | None = None, format: str = "auto", by: str | None = None
+    ) -> Any:
         self.editor.check_edit(prompt, target, format)
-        return self._edit_one(prompt, target, metadata or {}, format)
+        return self._edit_one(prompt, target, metadata or {}, format, by)
 
-    def _do_edits(self, edits: list[dict]) -> list[Any]:
+    def _do_edits(self, edits: list[dict], by: str | None = None) -> list[Any]:
         for e in edits:  # validate all before storing any
             self.editor.check_edit(e["prompt"], e["target"], e.get("format", "auto"))
         return [
-            self._edit_one(e["prompt"], e["target"], e.get("metadata") or {}, e.get("format", "auto")) for e in edits
+            self._edit_one(e["prompt"], e["target"], e.get("metadata") or {}, e.get("format", "auto"), by)
+            for e in edits
         ]
 
-    def _edit_one(self, prompt: str, target: str, metadata: dict, format: str = "auto") -> Any:
+    def _edit_one(self, prompt: str, target: str, metadata: dict, format: str = "auto", by: str | None = None) -> Any:
         editor = self.editor
         t0 = time.perf_counter()
         for _attempt in range(self.settings.conflict_retries + 1):
@@ -393,6 +507,7 @@ class Engine:
                         key=repo.tensor_to_bytes(res.key),
                         value=repo.tensor_to_bytes(res.value),
                         expected_entry_version=expected,
+                        created_by=by,
                     )
                     session.flush()
                     event_id = repo.last_event_id(session, self.codebook_id)

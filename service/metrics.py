@@ -13,6 +13,9 @@ class Metrics:
         self.edits = Counter("horen_edits_total", "Edits committed by this process", registry=r)
         self.rollbacks = Counter("horen_rollbacks_total", "Rollbacks committed by this process", registry=r)
         self.generates = Counter("horen_generate_requests_total", "Generate requests answered", registry=r)
+        self.streams_stopped = Counter(
+            "horen_generate_streams_stopped_total", "Answers stopped early because their client left", registry=r
+        )
         self.rejected = Counter("horen_rejected_total", "Requests refused because the queue was full", registry=r)
         self.generate_latency = Histogram(
             "horen_generate_latency_seconds", "Queue + batch time of /generate", buckets=_LATENCY_BUCKETS, registry=r

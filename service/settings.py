@@ -4,11 +4,20 @@ Built by the caller (`create_app(settings)`), never at import time."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from horen_core.config import HorenConfig
+
+
+class ApiKeySetting(BaseModel):
+    """One entry of HOREN_API_KEYS."""
+
+    name: str = Field(min_length=1, max_length=255)  # recorded as the actor of what the key does
+    key: SecretStr = Field(min_length=16)  # secret: kept out of reprs and logs
+    role: Literal["read", "edit", "admin"]
 
 
 class Settings(BaseSettings):
@@ -20,8 +29,13 @@ class Settings(BaseSettings):
     converted_dir: Path | None = None
     # SQLAlchemy URL; empty means an SQLite file in data_dir
     database_url: str = ""
-    # bearer token for /admin routes; empty disables them
+    # bearer token for /admin routes; empty disables them. It is also the admin API key named `admin`
     admin_token: str = ""
+    # API keys as JSON, [{"name", "key", "role": "read" | "edit" | "admin"}]; with none here and none
+    # made through /admin/keys every route but /admin is open (and edits only on a loopback host)
+    api_keys: list[ApiKeySetting] = Field(default_factory=list)
+    # the model id /v1 routes answer to; empty = the model folder's or file's name
+    served_model_name: str = ""
     # local HF model folder or GGUF file; empty means the bundled SmolLM2-135M-Instruct
     model: str = ""
     # auto | cpu | cuda | cuda:N

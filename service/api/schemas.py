@@ -45,6 +45,7 @@ class EditOut(BaseModel):
     created_at: datetime
     rolled_back_at: datetime | None = None
     rolled_back_by: str | None = None
+    created_by: str | None = Field(default=None, description="name of the API key that made it; null when open")
     entry_id: int = Field(description="codebook entry this edit created or retrained")
     new_key: bool = Field(description="true if the edit added a key; false if it retrained a matching key")
     steps: int = Field(description="optimiser steps used to train the value")
@@ -82,6 +83,43 @@ class GenerateRequest(_Strict):
 class GenerateOut(BaseModel):
     text: str = Field(description="the continuation only")
     edit_id: int | None = Field(description="the edit whose codebook entry routed this prompt, or null")
+
+
+class AuditEvent(BaseModel):
+    id: int = Field(description="the event's id: its place in the edit log")
+    kind: Literal["edit", "rollback"]
+    edit_id: int
+    actor: str | None = Field(description="name of the API key that did it; null when the service was open")
+    at: datetime
+    prompt: str
+    target: str
+
+
+class AuditList(BaseModel):
+    items: list[AuditEvent]
+    total: int
+
+
+class ApiKeyCreate(_Strict):
+    name: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.@-]+$")
+    role: Literal["read", "edit", "admin"]
+
+
+class ApiKeyOut(BaseModel):
+    id: int | None = Field(description="null for keys from the settings, which cannot be deleted here")
+    name: str
+    role: Literal["read", "edit", "admin"]
+    source: Literal["settings", "database"]
+    created_at: datetime | None = None
+    created_by: str | None = None
+
+
+class ApiKeyCreated(ApiKeyOut):
+    key: str = Field(description="the bearer token; shown once, only its sha256 is stored")
+
+
+class ApiKeyList(BaseModel):
+    items: list[ApiKeyOut]
 
 
 class Health(BaseModel):

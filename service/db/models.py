@@ -1,8 +1,9 @@
 """Tables of the service. A codebook is one model + layer; every other row belongs to one codebook.
 
 `edits` is the log of edits (its id is both their global order and the HoReN edit id),
-`codebook_entries` holds one optimistic-concurrency version per entry, and `events` is the
-replication log that replicas read in id order.
+`codebook_entries` holds one optimistic-concurrency version per entry, `events` is the
+replication log that replicas read in id order (each with who caused it, the audit trail), and
+`api_keys` holds keys made through the admin routes, by sha256 only.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ EDIT_ACTIVE = "active"
 EDIT_ROLLED_BACK = "rolled_back"
 EVENT_EDIT = "edit"
 EVENT_ROLLBACK = "rollback"
+ROLES = ("read", "edit", "admin")  # each role may do what the ones before it may
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
@@ -102,6 +104,7 @@ class Edit(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     rolled_back_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     rolled_back_by: Mapped[str | None] = mapped_column(String(255))
+    created_by: Mapped[str | None] = mapped_column(String(255))  # the API key's name; None when open
     entry_id: Mapped[int] = mapped_column(Integer)  # a created entry's id is the creating edit's id
     created_entry: Mapped[bool]
     steps: Mapped[int] = mapped_column(Integer)
@@ -138,3 +141,16 @@ class Event(Base):
     kind: Mapped[str] = mapped_column(String(16))
     edit_id: Mapped[int] = mapped_column(ForeignKey("edits.id"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    actor: Mapped[str | None] = mapped_column(String(255))  # the API key's name; None when open
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    __table_args__ = (CheckConstraint(f"role IN {ROLES!r}", name="role"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)  # hex digest; the key is never stored
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(255))

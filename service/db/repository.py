@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Row, func, or_, select, update
+from sqlalchemy import Row, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db.errors import EditNotFound, EntryConflict
@@ -21,6 +22,7 @@ from service.db.models import (
     EDIT_ROLLED_BACK,
     EVENT_EDIT,
     EVENT_ROLLBACK,
+    ApiKey,
     Codebook,
     Edit,
     Entry,
@@ -35,15 +37,21 @@ __all__ = [
     "EditNotFound",
     "EntryConflict",
     "active_edit_vectors",
+    "any_api_key",
+    "api_key_by_sha256",
+    "audit_events",
     "bytes_to_matrix",
     "bytes_to_tensor",
     "count_active_edits",
+    "create_api_key",
+    "delete_api_key",
     "entry_version",
     "events_after",
     "get_edit",
     "get_or_create_codebook",
     "insert_edit",
     "last_event_id",
+    "list_api_keys",
     "list_edits",
     "rollback_edit",
     "serialize_commit_lock",
@@ -109,8 +117,10 @@ def insert_edit(
     key: bytes,
     value: bytes,
     expected_entry_version: int | None,
+    created_by: str | None = None,
 ) -> Edit:
-    """Store one edit, create or bump its entry, and append an "edit" event.
+    """Store one edit, create or bump its entry, and append an "edit" event; ``created_by`` (the
+    API key's name) is the edit's and the event's actor.
 
     ``entry_id=None`` creates a new entry whose id is the new edit's id (version 1). Otherwise the
     edit retrains ``entry_id``: its version must still be ``expected_entry_version`` (any version
@@ -148,6 +158,7 @@ def insert_edit(
         answer_ids=[int(t) for t in answer_ids],
         key=bytes(key),
         value=bytes(value),
+        created_by=created_by,
     )
     session.add(edit)
     session.flush()
@@ -158,13 +169,14 @@ def insert_edit(
                 codebook_id=codebook_id, entry_id=edit.id, answer_ids=list(edit.answer_ids), version=1, updated_at=now
             )
         )
-    session.add(Event(codebook_id=codebook_id, kind=EVENT_EDIT, edit_id=edit.id, created_at=now))
+    session.add(Event(codebook_id=codebook_id, kind=EVENT_EDIT, edit_id=edit.id, created_at=now, actor=created_by))
     session.flush()
     return edit
 
 
 def rollback_edit(session: Session, edit_id: int, by: str | None) -> tuple[Edit, bool]:
-    """Mark an edit rolled back, bump its entry's version and append a "rollback" event.
+    """Mark an edit rolled back, bump its entry's version and append a "rollback" event (``by``,
+    the API key's name, is its actor).
 
     Idempotent: for an edit already rolled back it returns ``(edit, False)`` and writes nothing.
     Raises `EditNotFound` for an unknown id.
@@ -188,7 +200,7 @@ def rollback_edit(session: Session, edit_id: int, by: str | None) -> tuple[Edit,
         .values(version=Entry.version + 1, updated_at=now),
         execution_options={"synchronize_session": False},
     )
-    session.add(Event(codebook_id=edit.codebook_id, kind=EVENT_ROLLBACK, edit_id=edit.id, created_at=now))
+    session.add(Event(codebook_id=edit.codebook_id, kind=EVENT_ROLLBACK, edit_id=edit.id, created_at=now, actor=by))
     session.flush()
     return edit, True
 
@@ -264,6 +276,68 @@ def events_after(session: Session, codebook_id: int, after_id: int, limit: int =
 def last_event_id(session: Session, codebook_id: int) -> int:
     """Id of the newest event of a codebook, 0 when there is none."""
     return int(session.scalar(select(func.coalesce(func.max(Event.id), 0)).where(Event.codebook_id == codebook_id)))
+
+
+def audit_events(
+    session: Session,
+    codebook_id: int,
+    *,
+    actor: str | None = None,
+    kind: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[Row], int]:
+    """One page of a codebook's edits and rollbacks, newest first, and how many match in all: rows
+    of (``id``, ``kind``, ``edit_id``, ``actor``, ``created_at``, ``prompt``, ``target``). ``since``
+    is inclusive, ``until`` exclusive."""
+    cond = [Event.codebook_id == codebook_id]
+    if actor is not None:
+        cond.append(Event.actor == actor)
+    if kind is not None:
+        cond.append(Event.kind == kind)
+    if since is not None:
+        cond.append(Event.created_at >= since)
+    if until is not None:
+        cond.append(Event.created_at < until)
+    total = session.scalar(select(func.count()).select_from(Event).where(*cond)) or 0
+    stmt = (
+        select(Event.id, Event.kind, Event.edit_id, Event.actor, Event.created_at, Edit.prompt, Edit.target)
+        .join(Edit, Edit.id == Event.edit_id)
+        .where(*cond)
+        .order_by(Event.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    return list(session.execute(stmt).all()), int(total)
+
+
+# ---- API keys -------------------------------------------------------------------------------
+def create_api_key(session: Session, name: str, key_sha256: str, role: str, created_by: str | None) -> ApiKey:
+    """Store a key by its hex sha256 (the key itself is never stored). A taken name or digest
+    raises ``sqlalchemy.exc.IntegrityError`` at the flush."""
+    row = ApiKey(name=name, key_sha256=key_sha256, role=role, created_at=utcnow(), created_by=created_by)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def api_key_by_sha256(session: Session, key_sha256: str) -> ApiKey | None:
+    return session.scalars(select(ApiKey).where(ApiKey.key_sha256 == key_sha256)).one_or_none()
+
+
+def any_api_key(session: Session) -> bool:
+    return bool(session.scalar(select(exists().where(ApiKey.id.is_not(None)))))
+
+
+def list_api_keys(session: Session) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.id)).all())
+
+
+def delete_api_key(session: Session, key_id: int) -> bool:
+    """Delete one stored key; False when there is none with that id."""
+    return session.execute(delete(ApiKey).where(ApiKey.id == key_id)).rowcount == 1
 
 
 # ---- vectors --------------------------------------------------------------------------------
