@@ -3,7 +3,10 @@
 1. mixed load: concurrent clients mixing edits and generations -> throughput, p50/p99 latency;
 2. batching gain: concurrent /generate throughput with batching (HOREN_MAX_BATCH=16) over
    one-at-a-time (HOREN_MAX_BATCH=1), same prompts, printed as a ratio;
-3. /generate latency with 10,000 active codebook entries over the latency with none (ratio): a
+3. streaming: --streams (8) concurrent clients of /v1/completions with `stream: true` -> time to
+   first token p50/p99 and tokens/s, beside the same requests without streaming in the same run
+   (time to the whole answer, tokens/s);
+4. /generate latency with 10,000 active codebook entries over the latency with none (ratio): a
    server on those entries and two on an empty codebook, up at the same time, take turns (each in
    every place of the turn equally often). The second empty server is the control: its ratio to
    the first says how far two like server processes differ here (up to 5-10% on this VM, more than
@@ -15,7 +18,8 @@ with its own edit row), then the server is restarted and rebuilds its codebook f
 exactly as in production; unrelated prompts are not routed, so this measures retrieval overhead.
 
     .venv/bin/python bench/service_load.py [--entries 10000] [--clients 8] [--requests 12]
-    .venv/bin/python bench/service_load.py --latency-only [--turns 24]   # only 3.
+    .venv/bin/python bench/service_load.py --latency-only [--turns 24]   # only 4.
+    .venv/bin/python bench/service_load.py --stream-only [--streams 8]   # only 3.
 """
 
 from __future__ import annotations
@@ -92,6 +96,79 @@ def run_clients(url: str, clients: int, jobs_per_client: list[list[tuple[str, di
         if v:
             out[f"{kind}_p50_ms"] = round(pct(v, 0.5) * 1000, 1)
             out[f"{kind}_p99_ms"] = round(pct(v, 0.99) * 1000, 1)
+    if failures:
+        out["first_failure"] = failures[0]
+    return out
+
+
+def run_streams(url: str, streams: int, rounds: int, max_tokens: int, stream: bool) -> dict:
+    """``streams`` concurrent clients, ``rounds`` /v1/completions requests each (greedy, every
+    answer ``max_tokens`` long unless the model ends it). Streaming: time to the first text chunk
+    and the whole answer; not streaming: the whole answer only. Tokens counted from ``usage``."""
+    ttft: list[float] = []
+    whole: list[float] = []
+    per_stream_tps: list[float] = []
+    tokens = 0
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        nonlocal tokens
+        with httpx.Client(base_url=url, timeout=300) as c:
+            for j in range(rounds):
+                body = {"prompt": PROMPTS[(i + j) % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0}
+                t0 = time.perf_counter()
+                first, used = None, 0
+                if stream:
+                    body |= {"stream": True, "stream_options": {"include_usage": True}}
+                    with c.stream("POST", "/v1/completions", json=body) as r:
+                        if r.status_code != 200:
+                            with lock:
+                                failures.append(f"{r.status_code} {r.read()[:200]!r}")
+                            continue
+                        for line in r.iter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            ev = json.loads(line[6:])
+                            if first is None and ev["choices"] and ev["choices"][0].get("text"):
+                                first = time.perf_counter() - t0
+                            if ev.get("usage"):
+                                used = ev["usage"]["completion_tokens"]
+                else:
+                    r = c.post("/v1/completions", json=body)
+                    if r.status_code != 200:
+                        with lock:
+                            failures.append(f"{r.status_code} {r.text[:200]}")
+                        continue
+                    used = r.json()["usage"]["completion_tokens"]
+                dt = time.perf_counter() - t0
+                with lock:
+                    whole.append(dt)
+                    tokens += used
+                    if first is not None:
+                        ttft.append(first)
+                    if used:
+                        per_stream_tps.append(used / dt)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(streams)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    out = {
+        "requests": len(whole),
+        "failures": len(failures),
+        "seconds": round(wall, 2),
+        "tokens_per_s_total": round(tokens / wall, 2),
+        "tokens_per_s_per_request_p50": round(statistics.median(per_stream_tps), 2) if per_stream_tps else None,
+        "whole_answer_p50_ms": round(pct(whole, 0.5) * 1000, 1) if whole else None,
+        "whole_answer_p99_ms": round(pct(whole, 0.99) * 1000, 1) if whole else None,
+    }
+    if stream:
+        out["ttft_p50_ms"] = round(pct(ttft, 0.5) * 1000, 1) if ttft else None
+        out["ttft_p99_ms"] = round(pct(ttft, 0.99) * 1000, 1) if ttft else None
     if failures:
         out["first_failure"] = failures[0]
     return out
@@ -176,20 +253,30 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="HOREN_DEVICE of the servers (cpu, cuda)")
     ap.add_argument("--model", default=None, help="HOREN_MODEL of the servers (default: the bundled SmolLM2)")
     ap.add_argument("--turns", type=int, default=24, help="requests to each server in the latency comparison")
-    ap.add_argument("--latency-only", action="store_true", help="only the latency comparison (3.)")
+    ap.add_argument("--latency-only", action="store_true", help="only the latency comparison (4.)")
+    ap.add_argument("--streams", type=int, default=8, help="concurrent streaming clients (3.)")
+    ap.add_argument("--stream-rounds", type=int, default=3, help="requests per streaming client (3.)")
+    ap.add_argument("--stream-only", action="store_true", help="only the streaming comparison (3.)")
     args = ap.parse_args()
     where = {"device": args.device, "model": args.model}
     tmp = Path(tempfile.mkdtemp(prefix="horen-load-"))
     db_url = f"sqlite:///{tmp / 'horen.db'}"
     summary: dict = {"device": args.device, "model": args.model or "bundled SmolLM2-135M-Instruct"}
 
+    if args.stream_only:
+        stream_phase(args, db_url, tmp, where, summary)
+        print_streams(summary)
+        print(json.dumps(summary))
+        return 0
     if args.latency_only:
         first = Server(db_url, tmp / "data", tmp / "server.log", **where)
         first.start()  # creates the database and its codebook row
         first.stop()
     else:
         load_phases(args, db_url, tmp, where, summary)
+        stream_phase(args, db_url, tmp, where, summary)
     latency_phase(args, db_url, tmp, where, summary)
+    print_streams(summary)
     for name in ("mixed", "generate_batched", "generate_one_at_a_time"):
         if name in summary:
             print(f"{name.replace('_', ' ')}: {json.dumps(summary[name])}")
@@ -205,6 +292,35 @@ def main() -> int:
     )
     print(json.dumps(summary))
     return 0
+
+
+def stream_phase(args: argparse.Namespace, db_url: str, tmp: Path, where: dict, summary: dict) -> None:
+    """3.: the same requests streamed and not, one server, one run (non-streaming first, then
+    streaming, then non-streaming again, so that a machine slowing down shows)."""
+    server = Server(db_url, tmp / "data", tmp / "server-stream.log", **where)
+    server.start()
+    try:
+        run = (server.url, args.streams, args.stream_rounds, args.max_new_tokens)
+        run_streams(*run[:2], 1, run[3], stream=True)  # warm-up
+        summary["v1_not_streaming"] = run_streams(*run, stream=False)
+        summary["v1_streaming"] = run_streams(*run, stream=True)
+        summary["v1_not_streaming_again"] = run_streams(*run, stream=False)
+    finally:
+        server.stop()
+
+
+def print_streams(summary: dict) -> None:
+    if "v1_streaming" not in summary:
+        return
+    st, ns, ns2 = summary["v1_streaming"], summary["v1_not_streaming"], summary["v1_not_streaming_again"]
+    print(f"streaming /v1/completions: {json.dumps(st)}")
+    print(f"  not streaming, before: {json.dumps(ns)}")
+    print(f"  not streaming, after:  {json.dumps(ns2)}")
+    print(
+        f"  time to first token p50/p99 {st['ttft_p50_ms']}/{st['ttft_p99_ms']} ms vs whole answer not streamed "
+        f"p50/p99 {ns['whole_answer_p50_ms']}/{ns['whole_answer_p99_ms']} ms; tokens/s streamed "
+        f"{st['tokens_per_s_total']} vs not {ns['tokens_per_s_total']}/{ns2['tokens_per_s_total']}"
+    )
 
 
 def load_phases(args: argparse.Namespace, db_url: str, tmp: Path, where: dict, summary: dict) -> None:
