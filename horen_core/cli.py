@@ -26,6 +26,7 @@ from horen_core.evaluate import (
     user_scores,
 )
 from horen_core.modeling import load_model
+from horen_core.plotting import plot_checkpoints
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +45,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local HF folder or GGUF file (default: bundled SmolLM2)")
     p.add_argument("--device", default="auto")
     p.add_argument("--output", default="horen_eval_results.json")
+    p.add_argument("--plot", default=None, metavar="PNG", help="draw the metrics of --checkpoints against the edits")
     p.add_argument("--reference-procedure", action="store_true", help="the paper's 50 full-model steps per edit")
     p.add_argument(
         "--converted-dir",
@@ -122,6 +124,8 @@ def run_eval(args: argparse.Namespace) -> dict:
     report["summary"] = summary
     report["records"] = rows
     Path(args.output).write_text(json.dumps(report, indent=1))
+    if args.plot:
+        plot_checkpoints(report, args.plot, title=f"{Path(args.data).name}, {len(records)} sequential edits")
     return summary
 
 

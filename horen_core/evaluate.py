@@ -211,8 +211,13 @@ def score(editor: HorenEditor, records: Sequence[EditRecord], baseline_loc: Sequ
 
 
 def summarize(rows: list[dict]) -> dict:
+    """Means of ``score`` rows; ``overall`` is the paper's mean of rewrite, rephrase and locality
+    (of those present)."""
     keys = ("rewrite_acc", "rephrase_acc", "locality", "rewrite_acc_tf", "rephrase_acc_tf")
-    return {k: _mean([r[k] for r in rows if k in r]) for k in keys}
+    out = {k: _mean([r[k] for r in rows if k in r]) for k in keys}
+    parts = [out[k] for k in ("rewrite_acc", "rephrase_acc", "locality") if out[k] is not None]
+    out["overall"] = _mean(parts)
+    return out
 
 
 def _mean(vals: Sequence[float]) -> float | None:
