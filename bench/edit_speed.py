@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
 
     editor = HorenEditor(model, tokenizer, modes["ours"])
     books = {name: Codebook(editor.codebook.key_dim, editor.codebook.value_dim, editor.device) for name in modes}
-    baseline_loc = locality_outputs(editor, records, edited=False) if quality else None
+    with editor.unedited():
+        baseline_loc = locality_outputs(editor, records) if quality else None
     seconds: dict[str, list[float]] = {name: [] for name in modes}
     steps: dict[str, list[int]] = {name: [] for name in modes}
     order = list(modes)

@@ -2,8 +2,8 @@
 
 One editor, one model: its codebook holds ``--entries`` random unit keys (unrelated prompts do not
 clear the threshold against them, so every generation is the same text either way). Single prompts
-are generated alternately with routing (``edited=True``, over every key) and without it
-(``edited=False``: the layer passes through), and the routing call alone is timed over the same
+are generated alternately with routing (over every key) and without it
+(``editor.unedited()``: the layer passes through), and the routing call alone is timed over the same
 queries; the ratio of the medians is the latency cost of the entries where nothing is routed.
 Routing goes through the service's ``KeyIndex`` with its defaults, as ``horen serve`` routes (from
 4,096 keys on the CPU; none on a GPU without FAISS's GPU build); ``--no-index`` routes exhaustively.
@@ -15,6 +15,7 @@ Routing goes through the service's ``KeyIndex`` with its defaults, as ``horen se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         ):
             _sync(device)
             t0 = time.perf_counter()
-            out[kind] = editor.generate([prompt], args.max_new_tokens, edited=edited)[0]
+            with contextlib.nullcontext() if edited else editor.unedited():
+                out[kind] = editor.generate([prompt], args.max_new_tokens)[0]
             _sync(device)
             if i >= 2:
                 times[kind].append(time.perf_counter() - t0)

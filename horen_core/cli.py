@@ -78,7 +78,8 @@ def run_eval(args: argparse.Namespace) -> dict:
     records = load_records(args.data, args.format, args.target_field, args.n, args.offset)
     model, tokenizer = load_model(args.model, device=args.device, converted_dir=args.converted_dir or None)
     editor = HorenEditor(model, tokenizer, config_from_args(args))
-    baseline_loc = locality_outputs(editor, records, edited=False)
+    with editor.unedited():
+        baseline_loc = locality_outputs(editor, records)
     user = not args.no_user_metrics
     chat = (args.chat or args.edit_chat) and editor.chat.available
     base_user = user_baseline(editor, records, chat) if user else None

@@ -10,9 +10,11 @@ the last prompt token, and projects to logits only at the target positions.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +33,8 @@ from horen_core.retrieval import HopfieldRetriever
 CandidateProvider = Callable[[torch.Tensor], torch.Tensor | None]
 # called by generate per row and step with the row's newly final tokens; False stops the row
 RowStream = Callable[[int, list[int]], bool]
+
+_UNEDITED: ContextVar[bool] = ContextVar("horen_unedited", default=False)
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,6 @@ class HorenEditor:
         prompts: Sequence[str],
         max_new_tokens: int = 32,
         temperature: float = 0.0,
-        edited: bool = True,
         prompt_ids: Sequence[Sequence[int]] | None = None,
         min_new_tokens: int = 0,
         top_p: float = 1.0,
@@ -220,12 +223,11 @@ class HorenEditor:
             stop = _TargetStated(self, plan, ids.shape[1])
             kwargs = {**gen_kwargs, "max_new_tokens": budget, "min_new_tokens": min(min_new_tokens, budget)}
             rows = list(range(len(seqs)))
-            if edited:
-                watch = [stop] + ([release.pass_over(rows, ids.shape[1], hold=stop)] if release else [])
-                with activate(plan):
-                    out = self.model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=watch, **kwargs)
-            else:
-                watch = [release.pass_over(rows, ids.shape[1])] if release else []
+            edited = not _UNEDITED.get()
+            watch = [stop] if edited else []
+            if release:
+                watch.append(release.pass_over(rows, ids.shape[1], hold=stop if edited else None))
+            with activate(plan if edited else None):
                 out = self.model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=watch, **kwargs)
             owners = [self.codebook.owner_edit(e) if e is not None else None for e in plan.entry_ids]
             new = out[:, ids.shape[1] :].tolist()
@@ -258,7 +260,6 @@ class HorenEditor:
         self,
         seqs: Sequence[Sequence[int]],
         prompt_lengths: Sequence[int],
-        edited: bool = True,
         keep_last: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, list[int | None]]:
         """Routed teacher-forced forward over left-padded ``seqs``; routing sees only the first
@@ -271,12 +272,32 @@ class HorenEditor:
             kwargs["logits_to_keep"] = keep_last
         with self.lock:
             plan = self._route_plan(prompt_mask)
-            if edited:
-                with activate(plan):
-                    logits = self.model(**kwargs).logits
-            else:
+            with activate(None if _UNEDITED.get() else plan):
                 logits = self.model(**kwargs).logits
         return logits, mask, plan.entry_ids or [None] * len(seqs)
+
+    @torch.no_grad()
+    def greedy(self, seqs: Sequence[Sequence[int]], n: int) -> list[list[int]]:
+        """Exactly ``n`` greedy tokens after each row of token ids, routed once in the prefill and
+        never handed over: the decoding the paper's metrics score."""
+        ids, mask = self._pad_left(seqs)
+        kwargs = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False}
+        with self.lock:
+            plan = self._route_plan(self._question_mask(seqs, [len(q) for q in seqs], ids.shape[1]))
+            with activate(None if _UNEDITED.get() else plan):
+                out = self.model.generate(
+                    input_ids=ids, attention_mask=mask, pad_token_id=self.tokenizer.pad_token_id, **kwargs
+                )
+        return out[:, ids.shape[1] :].tolist()
+
+    @contextlib.contextmanager
+    def unedited(self) -> Iterator[None]:
+        """Within this block (on this thread or task) generation and scoring use the unedited model."""
+        token = _UNEDITED.set(True)
+        try:
+            yield
+        finally:
+            _UNEDITED.reset(token)
 
     @staticmethod
     def _positions(mask: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from horen_core.editor import HorenEditor
 
 
@@ -120,7 +118,7 @@ def _batches(items: Sequence[int], size: int):
 
 
 def greedy_match(
-    editor: HorenEditor, prompts: Sequence[str], targets: Sequence[list[int]], edited: bool = True, batch_size: int = 8
+    editor: HorenEditor, prompts: Sequence[str], targets: Sequence[list[int]], batch_size: int = 8
 ) -> list[float]:
     """Fraction of target tokens reproduced by greedy generation of len(target) tokens."""
     scores = [0.0] * len(prompts)
@@ -128,31 +126,11 @@ def greedy_match(
     for chunk in _batches(order, batch_size):
         n = max(len(targets[i]) for i in chunk)
         seqs = [editor.encode_prompt(prompts[i], reserve=n) for i in chunk]
-        gens = _raw_greedy(editor, seqs, n, edited)
+        gens = editor.greedy(seqs, n)
         for i, toks in zip(chunk, gens):
             t = targets[i]
             scores[i] = sum(int(a == b) for a, b in zip(toks[: len(t)], t)) / len(t)
     return scores
-
-
-@torch.no_grad()
-def _raw_greedy(editor: HorenEditor, seqs: list[list[int]], n: int, edited: bool) -> list[list[int]]:
-    from horen_core.layer import activate
-
-    ids, mask = editor._pad_left(seqs)
-    kwargs = {
-        "max_new_tokens": n,
-        "min_new_tokens": n,
-        "do_sample": False,
-        "pad_token_id": editor.tokenizer.pad_token_id,
-    }
-    with editor.lock:
-        if edited:
-            with activate(editor._route_plan(mask)):
-                out = editor.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        else:
-            out = editor.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-    return out[:, ids.shape[1] :].tolist()
 
 
 def teacher_forced(
@@ -173,7 +151,8 @@ def teacher_forced(
     return scores
 
 
-def locality_outputs(editor: HorenEditor, records: Sequence[EditRecord], edited: bool) -> list[list[int] | None]:
+def locality_outputs(editor: HorenEditor, records: Sequence[EditRecord]) -> list[list[int] | None]:
+    """Greedy answers to the locality prompts, as many tokens as each locality answer has."""
     idx = [i for i, r in enumerate(records) if r.loc_prompt]
     outs: list[list[int] | None] = [None] * len(records)
     order = sorted(idx, key=lambda i: len(records[i].loc_prompt))
@@ -181,7 +160,7 @@ def locality_outputs(editor: HorenEditor, records: Sequence[EditRecord], edited:
         lens = [len(editor.encode_target(records[i].loc_answer or "x")) for i in chunk]
         n = max(lens)
         seqs = [editor.encode_prompt(records[i].loc_prompt, reserve=n) for i in chunk]
-        gens = _raw_greedy(editor, seqs, n, edited)
+        gens = editor.greedy(seqs, n)
         for i, g, k in zip(chunk, gens, lens):
             outs[i] = g[:k]
     return outs
@@ -197,7 +176,7 @@ def score(editor: HorenEditor, records: Sequence[EditRecord], baseline_loc: Sequ
     rw_tf = teacher_forced(editor, prompts, targets)
     rp = greedy_match(editor, reph_prompts, reph_targets) if reph_idx else []
     rp_tf = teacher_forced(editor, reph_prompts, reph_targets) if reph_idx else []
-    loc_now = locality_outputs(editor, records, edited=True)
+    loc_now = locality_outputs(editor, records)
     out = []
     reph = dict(zip(reph_idx, zip(rp, rp_tf)))
     for i, r in enumerate(records):
@@ -253,11 +232,11 @@ def chat_prompt(editor: HorenEditor, question: str) -> str:
     )
 
 
-def answers(editor: HorenEditor, prompts: Sequence[str], n: int, edited: bool = True, forced: bool = False):
+def answers(editor: HorenEditor, prompts: Sequence[str], n: int, forced: bool = False):
     """Greedy answers of up to ``n`` tokens (exactly ``n`` when ``forced``), in batches of 8."""
     out = []
     for chunk in _batches(list(prompts), 8):
-        out += editor.generate(chunk, max_new_tokens=n, edited=edited, min_new_tokens=n if forced else 0)
+        out += editor.generate(chunk, max_new_tokens=n, min_new_tokens=n if forced else 0)
     return out
 
 
@@ -319,19 +298,20 @@ def _long(record: EditRecord) -> bool:
 def user_baseline(editor: HorenEditor, records: Sequence[EditRecord], chat: bool) -> dict:
     """The unedited model's answers that ``user_scores`` compares against: locality and specificity
     answers, forced free answers (fluency) and, with ``chat``, whether its chat replies end."""
-    loc = [r for r in records if r.loc_prompt]
-    spec = [p for r in records for p in r.specificity]
-    base = {
-        "loc": [g.token_ids for g in answers(editor, [r.loc_prompt for r in loc], LOCAL_TOKENS, edited=False)],
-        "spec": [g.token_ids for g in answers(editor, spec, LOCAL_TOKENS, edited=False)],
-        "fluency": [
-            distinct_trigrams(g.text)
-            for g in answers(editor, [r.prompt for r in records], FREE_TOKENS, edited=False, forced=True)
-        ],
-    }
-    if chat:
-        replies = answers(editor, [chat_prompt(editor, r.prompt) for r in records], CHAT_TOKENS, edited=False)
-        base["chat_ends"] = [float(len(g.token_ids) < CHAT_TOKENS) for g in replies]
+    with editor.unedited():
+        loc = [r for r in records if r.loc_prompt]
+        spec = [p for r in records for p in r.specificity]
+        base = {
+            "loc": [g.token_ids for g in answers(editor, [r.loc_prompt for r in loc], LOCAL_TOKENS)],
+            "spec": [g.token_ids for g in answers(editor, spec, LOCAL_TOKENS)],
+            "fluency": [
+                distinct_trigrams(g.text)
+                for g in answers(editor, [r.prompt for r in records], FREE_TOKENS, forced=True)
+            ],
+        }
+        if chat:
+            replies = answers(editor, [chat_prompt(editor, r.prompt) for r in records], CHAT_TOKENS)
+            base["chat_ends"] = [float(len(g.token_ids) < CHAT_TOKENS) for g in replies]
     return base
 
 

@@ -21,7 +21,8 @@ _ACTIVE_PLAN: ContextVar[Plan | None] = ContextVar("horen_active_plan", default=
 
 
 @contextlib.contextmanager
-def activate(plan: Plan) -> Iterator[Plan]:
+def activate(plan: Plan | None) -> Iterator[Plan | None]:
+    """Runs the wrapped layers with ``plan`` (``None``: they pass through, the unedited model)."""
     token = _ACTIVE_PLAN.set(plan)
     try:
         yield plan

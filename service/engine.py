@@ -10,6 +10,7 @@ nothing about HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import queue
@@ -297,15 +298,15 @@ class Engine:
         try:
             if seed is not None:
                 torch.manual_seed(seed)
-            gens = editor.generate(
-                [],
-                max_new_tokens=n,
-                temperature=temperature,
-                edited=edited,
-                prompt_ids=[ids for _, ids in ok],
-                top_p=top_p,
-                stream=(lambda i, ids: rows[i].push(ids)) if hook else None,
-            )
+            with contextlib.nullcontext() if edited else editor.unedited():
+                gens = editor.generate(
+                    [],
+                    max_new_tokens=n,
+                    temperature=temperature,
+                    prompt_ids=[ids for _, ids in ok],
+                    top_p=top_p,
+                    stream=(lambda i, ids: rows[i].push(ids)) if hook else None,
+                )
         except Exception as exc:
             for j, _ in ok:
                 j.future.set_exception(exc)

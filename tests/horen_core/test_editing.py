@@ -244,7 +244,8 @@ def test_no_plan_means_the_wrapped_model_is_the_original(tiny_model, make_editor
     with torch.no_grad():
         wrapped = model(input_ids=ids).logits
     assert torch.equal(plain, wrapped)
-    unedited = editor.generate([PROMPT], max_new_tokens=3, edited=False)[0]
+    with editor.unedited():
+        unedited = editor.generate([PROMPT], max_new_tokens=3)[0]
     editor.unwrap()
     direct = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
     assert unedited.token_ids == direct[0, ids.shape[1] :].tolist()

@@ -81,7 +81,8 @@ def test_a_routed_row_is_handed_to_the_unedited_model_after_its_target(tiny_llam
     # what follows the target is the unedited model's own continuation of prompt + target
     ids = editor.encode_prompt(prompt) + list(res.answer)
     rest = n - len(res.answer)
-    unedited = editor.generate([], max_new_tokens=rest, min_new_tokens=rest, edited=False, prompt_ids=[ids])[0]
+    with editor.unedited():
+        unedited = editor.generate([], max_new_tokens=rest, min_new_tokens=rest, prompt_ids=[ids])[0]
     assert got.token_ids[len(res.answer) :] == unedited.token_ids
     # and differs from letting the value run on, so the hand-over is what made it so
     with editor.lock:
@@ -110,7 +111,8 @@ def test_a_routed_row_that_never_states_its_target_is_answered_unedited(tiny_lla
     editor.codebook.entry(res.entry_id).answer = tuple(tok("[UNK] [UNK] [UNK]", add_special_tokens=False)["input_ids"])
     n = 16
     got = editor.generate([prompt], max_new_tokens=n, min_new_tokens=n)[0]
-    unedited = editor.generate([prompt], max_new_tokens=n, min_new_tokens=n, edited=False)[0]
+    with editor.unedited():
+        unedited = editor.generate([prompt], max_new_tokens=n, min_new_tokens=n)[0]
     assert got.entry_id == res.entry_id, "the prompt is still routed to the edit"
     assert got.token_ids == unedited.token_ids
     assert got.token_ids[:1] != [tok.convert_tokens_to_ids("Lima")], "the value alone would have said Lima"

@@ -54,5 +54,6 @@ def test_the_text_after_an_edited_fact_is_not_a_loop(chat_editor):
 
 def test_the_unedited_switch_gives_the_base_model(chat_editor):
     r = PLAIN[0]
-    got = chat_editor.generate([r["src"]], max_new_tokens=8, edited=False)[0]
+    with chat_editor.unedited():
+        got = chat_editor.generate([r["src"]], max_new_tokens=8)[0]
     assert got.entry_id is None and r["answers"][0] not in got.text

@@ -4,6 +4,8 @@ a row whose hook returns False stops without changing the others."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from horen_core import HorenConfig
@@ -45,9 +47,10 @@ class Recorder:
 @pytest.mark.parametrize("edited", [True, False])
 def test_streamed_tokens_are_the_result(editor, edited):
     n = 14
-    plain = editor.generate(PROMPTS, max_new_tokens=n, min_new_tokens=n, edited=edited)
     rec = Recorder()
-    streamed = editor.generate(PROMPTS, max_new_tokens=n, min_new_tokens=n, edited=edited, stream=rec)
+    with contextlib.nullcontext() if edited else editor.unedited():
+        plain = editor.generate(PROMPTS, max_new_tokens=n, min_new_tokens=n)
+        streamed = editor.generate(PROMPTS, max_new_tokens=n, min_new_tokens=n, stream=rec)
     assert [g.token_ids for g in streamed] == [g.token_ids for g in plain]
     assert [g.edit_id for g in streamed] == [g.edit_id for g in plain]
     for i, g in enumerate(streamed):
@@ -68,7 +71,8 @@ def test_a_routed_row_is_held_back_until_it_states_its_target(editor):
     assert first == editor.stated_answer
     assert rec.calls[0].index(first) == len(editor.stated_answer) - 1
     # the row that missed sends nothing while it runs with the edit; its tokens are all unedited
-    unedited = editor.generate([PROMPTS[2]], max_new_tokens=n, min_new_tokens=n, edited=False)[0]
+    with editor.unedited():
+        unedited = editor.generate([PROMPTS[2]], max_new_tokens=n, min_new_tokens=n)[0]
     assert rec.sent(2) == unedited.token_ids
     assert not any(rec.calls[2][: editor.missed_patience]), "held while it ran with the edit"
 
