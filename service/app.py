@@ -10,10 +10,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.utils import get_openapi
 
 from service.api import openai_compat
 from service.api.errors import install_error_handlers
-from service.api.routes import router
+from service.api.limits import LimitsMiddleware
+from service.api.routes import ops, router
 from service.auth import KeyRing
 from service.engine import Engine
 from service.settings import Settings
@@ -51,6 +53,37 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.model_id = openai_compat.served_model_id(settings)
     app.state.started = int(time.time())
     install_error_handlers(app)
+    app.add_middleware(
+        LimitsMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        max_client_concurrency=settings.max_client_concurrency,
+    )
     app.include_router(router)
     app.include_router(openai_compat.router)
+    app.include_router(ops)
+    app.openapi = lambda: _openapi(app, settings)
     return app
+
+
+def _openapi(app: FastAPI, settings: Settings) -> dict:
+    """FastAPI's schema with the limits these settings set, and no 422 on /v1 (OpenAI answers 400)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    models = schema["components"]["schemas"]
+    limit = settings.max_new_tokens_limit
+    models["GenerateRequest"]["properties"]["max_new_tokens"]["maximum"] = limit
+    models["EditBatchCreate"]["properties"]["edits"]["maxItems"] = min(100, settings.max_batch_edits)
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        for field in ("max_tokens", "max_completion_tokens"):
+            for option in models[name]["properties"].get(field, {}).get("anyOf", []):
+                if option.get("type") == "integer":
+                    option["maximum"] = limit
+    for path, item in schema["paths"].items():
+        if path.startswith("/v1/"):
+            for op in item.values():
+                op.get("responses", {}).pop("422", None)
+    models.pop("HTTPValidationError", None)
+    models.pop("ValidationError", None)
+    app.openapi_schema = schema
+    return schema

@@ -7,7 +7,10 @@ making edits) < ``admin`` (also rollback, audit, key management).
 
 With no API keys at all (the admin token alone does not count) the service keeps its old, open
 behaviour: anyone may read and, on a loopback host only, edit; a valid key presented anyway is
-still recorded as the actor. Knows nothing of HTTP: it raises the errors below, which the API maps.
+still recorded as the actor. While the database is unavailable, the last answers it gave (is any
+key stored, which key a token is) stand in for it, so that reads served from memory keep working;
+a token never seen before then raises the database's error. Knows nothing of HTTP: it raises the
+errors below, which the API maps.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import ipaddress
 import secrets
 from dataclasses import dataclass
 from typing import Any
+
+from sqlalchemy import exc as sa_exc
 
 from service.db import repository as repo
 from service.db.models import ROLES
@@ -90,6 +95,8 @@ class KeyRing:
         if settings.admin_token:
             self._static.append(("admin", settings.admin_token.encode(), "admin"))
         self.has_settings_keys = bool(settings.api_keys)
+        self._any_stored: bool | None = None  # the table's last answer, used while it cannot be read
+        self._stored: dict[str, Principal | None] = {}  # sha256 -> the table's last answer for that token
 
     def static_names(self) -> list[tuple[str, str]]:
         return [(name, role) for name, _, role in self._static]
@@ -103,18 +110,30 @@ class KeyRing:
         if found is not None:
             return found
         digest = sha256_hex(token)
-        with self.sessions() as session:
-            row = repo.api_key_by_sha256(session, digest)
-            if row is not None and hmac.compare_digest(row.key_sha256, digest):
-                return Principal(row.name, row.role)
-        return None
+        try:
+            with self.sessions() as session:
+                row = repo.api_key_by_sha256(session, digest)
+                found = Principal(row.name, row.role) if row and hmac.compare_digest(row.key_sha256, digest) else None
+        except sa_exc.DBAPIError:
+            if digest not in self._stored:
+                raise
+            return self._stored[digest]
+        if len(self._stored) >= 4096:  # bounded: random tokens must not grow it without end
+            self._stored.clear()
+        self._stored[digest] = found
+        return found
 
     def keys_configured(self) -> bool:
         """True once any API key exists (in the settings or the table): then every route needs one."""
         if self.has_settings_keys:
             return True
-        with self.sessions() as session:
-            return repo.any_api_key(session)
+        try:
+            with self.sessions() as session:
+                self._any_stored = repo.any_api_key(session)
+        except sa_exc.DBAPIError:
+            if self._any_stored is None:
+                raise
+        return self._any_stored
 
     def authorize(self, authorization: str | None, needed: str) -> Principal:
         """The caller behind an ``Authorization`` header, if it may act with role ``needed``."""

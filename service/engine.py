@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from sqlalchemy import exc as sa_exc
 
 from horen_core import HorenEditor, load_model
 from horen_core.errors import InvalidInputError, UnknownEditError
@@ -33,6 +34,10 @@ from service.replication import NOTIFY_CHANNEL, edit_to_dict, notify, psycopg_co
 from service.settings import Settings
 
 log = logging.getLogger("horen.engine")
+
+# below this a temperature's distribution does not fit a float (logits / t overflow to inf, then NaN):
+# such temperatures are answered greedily, the limit they approach
+MIN_SAMPLING_TEMPERATURE = 1e-3
 
 
 class QueueFullError(Exception):
@@ -136,6 +141,10 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+# what a database that is down, failing, full or read-only raises
+DB_ERRORS = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DatabaseError, sa_exc.TimeoutError)
+
+
 class Engine:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
@@ -146,7 +155,10 @@ class Engine:
         self._stop = threading.Event()
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
+        # why the last database access of the engine thread failed; None while the database answers
+        self.db_error: str | None = None
         self.editor: HorenEditor | None = None
+        self._model_editor: HorenEditor | None = None  # loaded, not yet attached to its codebook
         self.index: KeyIndex | None = None
         self.codebook_id: int | None = None
         self.last_event_id = 0
@@ -170,6 +182,10 @@ class Engine:
         self._thread.join(timeout)
         self.db_engine.dispose()
 
+    @property
+    def model_loaded(self) -> bool:
+        return self._model_editor is not None
+
     def depth(self) -> int:
         return self._queue.qsize()
 
@@ -188,11 +204,21 @@ class Engine:
     # ---- the engine thread -------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            self._load()
+            self._load_model()
         except BaseException as exc:  # reported by /readyz; the process keeps serving /healthz
             log.exception("engine failed to start")
             self.load_error = exc
             return
+        while not self._stop.is_set():
+            try:
+                self._attach()
+                break
+            except DB_ERRORS as exc:  # the database is down at start: wait for it, /readyz says so
+                self._db_failed(exc)
+                self._stop.wait(self.settings.sync_interval)
+        if self._stop.is_set():
+            return
+        self._db_back()
         self.ready.set()
         self._start_listener()
         while not self._stop.is_set():
@@ -241,6 +267,8 @@ class Engine:
         groups: dict[tuple, list[Job]] = {}
         for j in batch:
             temperature = float(j.payload["temperature"])
+            if temperature < MIN_SAMPLING_TEMPERATURE:
+                temperature = 0.0
             top_p = float(j.payload.get("top_p", 1.0)) if temperature > 0 else 1.0
             seed = j.payload.get("seed") if temperature > 0 else None
             # a seeded sample runs alone, so that its draws do not depend on what it was batched with
@@ -254,13 +282,26 @@ class Engine:
         editor = self.editor
         if payload.get("messages") is not None:
             ids = self._chat_ids(payload["messages"])
-            editor.check_length(ids, payload["max_new_tokens"])
-            return ids
-        if payload.get("format", "plain") == "chat":
+        elif payload.get("format", "plain") == "chat":
             ids = editor.chat.render(payload["prompt"]).ids
-            editor.check_length(ids, payload["max_new_tokens"])
-            return ids
-        return editor.encode_prompt(payload["prompt"], reserve=payload["max_new_tokens"])
+        else:
+            ids = editor.encode_prompt(payload["prompt"])
+        self._check_prompt_tokens(len(ids))
+        editor.check_length(ids, payload["max_new_tokens"])
+        return ids
+
+    def _check_prompt_tokens(self, n: int) -> None:
+        limit = self.settings.max_prompt_tokens
+        if n > limit:
+            raise InvalidInputError(f"prompt is {n} tokens; the limit is {limit} (HOREN_MAX_PROMPT_TOKENS)")
+
+    def _check_edit(self, prompt: str, target: str, format: str) -> None:
+        """Raise ``InvalidInputError`` for an edit over the service's token limits or one the editor refuses."""
+        self._check_prompt_tokens(len(self.editor.tokenizer(prompt, add_special_tokens=False)["input_ids"]))
+        n, limit = len(self.editor.encode_target(target)), self.settings.max_target_tokens
+        if n > limit:
+            raise InvalidInputError(f"target is {n} tokens; the limit is {limit} (HOREN_MAX_TARGET_TOKENS)")
+        self.editor.check_edit(prompt, target, format)
 
     def _chat_ids(self, messages: list[dict]) -> list[int]:
         """Messages in the model's chat template, ready for the assistant's answer (the template's
@@ -324,6 +365,10 @@ class Engine:
 
     # ---- loading and sync --------------------------------------------------------------------
     def _load(self) -> None:
+        self._load_model()
+        self._attach()
+
+    def _load_model(self) -> None:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         model, tokenizer = load_model(
@@ -332,7 +377,13 @@ class Engine:
             device_map=s.device_map or None,
             converted_dir=s.converted_dir or s.data_dir / "converted",
         )
-        editor = HorenEditor(model, tokenizer, s.horen_config())
+        self._model_editor = HorenEditor(model, tokenizer, s.horen_config())
+
+    def _attach(self) -> None:
+        """Find this model's codebook in the database and replay its edits (retried while the database is down)."""
+        s, editor = self.settings, self._model_editor
+        self.last_event_id = 0
+        self.log_digest = hashlib.sha256(b"horen").hexdigest()
         ident = editor.identity
         with self.sessions.begin() as session:
             cb = repo.get_or_create_codebook(
@@ -425,8 +476,22 @@ class Engine:
     def _safe_sync(self) -> None:
         try:
             self._sync()
+        except DB_ERRORS as exc:
+            self._db_failed(exc)
         except Exception:
             log.exception("catch-up from the database failed; will retry")
+        else:
+            self._db_back()
+
+    def _db_failed(self, exc: BaseException) -> None:
+        if self.db_error is None:  # one line per outage, not one per poll
+            log.warning("the database is unavailable (%s); generation goes on from memory, retrying", exc)
+        self.db_error = "database unavailable"
+
+    def _db_back(self) -> None:
+        if self.db_error is not None:
+            log.warning("the database answers again")
+        self.db_error = None
 
     def _after_change(self) -> None:
         if self.index is not None and self.editor is not None:
@@ -468,12 +533,12 @@ class Engine:
     def _do_edit(
         self, prompt: str, target: str, metadata: dict | None = None, format: str = "auto", by: str | None = None
     ) -> Any:
-        self.editor.check_edit(prompt, target, format)
+        self._check_edit(prompt, target, format)
         return self._edit_one(prompt, target, metadata or {}, format, by)
 
     def _do_edits(self, edits: list[dict], by: str | None = None) -> list[Any]:
         for e in edits:  # validate all before storing any
-            self.editor.check_edit(e["prompt"], e["target"], e.get("format", "auto"))
+            self._check_edit(e["prompt"], e["target"], e.get("format", "auto"))
         return [
             self._edit_one(e["prompt"], e["target"], e.get("metadata") or {}, e.get("format", "auto"), by)
             for e in edits

@@ -50,6 +50,21 @@ class Settings(BaseSettings):
     max_batch: int = Field(default=16, ge=1)
     # upper bound accepted for max_new_tokens
     max_new_tokens_limit: int = Field(default=512, ge=1)
+    # largest request body in bytes (413 above): a 100-edit batch of long prompts fits
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    # longest prompt in tokens, of an edit or a generation (422 above; the model's context also bounds it)
+    max_prompt_tokens: int = Field(default=2048, ge=1)
+    # longest edit target in tokens (422 above): a fact, not an essay
+    max_target_tokens: int = Field(default=64, ge=1)
+    # largest edit metadata as compact JSON in bytes, and its deepest nesting (422 above)
+    max_metadata_bytes: int = Field(default=16_384, ge=2)
+    max_metadata_depth: int = Field(default=8, ge=1)
+    # most edits in one POST /edits/batch (422 above)
+    max_batch_edits: int = Field(default=100, ge=1)
+    # requests one client (API key, else IP address) may have in flight at once; 0 = no limit (429 above)
+    max_client_concurrency: int = Field(default=32, ge=0)
+    # seconds a 503 for an unavailable database asks the client to wait (Retry-After)
+    db_retry_after: int = Field(default=2, ge=1)
     # seconds between catch-up polls of the edit log (replicas also get LISTEN/NOTIFY on PostgreSQL)
     sync_interval: float = Field(default=1.0, gt=0)
     # retries of an edit whose codebook entry was changed concurrently by another replica

@@ -21,14 +21,23 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.api.errors import ModelNotFoundError, UnsupportedOptionError, openai_error_body
+from service.api.errors import (
+    ModelNotFoundError,
+    UnsupportedOptionError,
+    classify,
+    error_responses,
+    openai_error_body,
+)
 from service.api.routes import EngineDep, Reader, require_ready
+from service.api.schemas import valid_unicode
 from service.engine import Engine, GenerateResult
 from service.settings import Settings
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(
+    prefix="/v1", tags=["openai"], responses=error_responses(400, 401, 403, 404, 413, 429, 503, openai=True)
+)
 
 DEFAULT_CHAT_MAX_TOKENS = 256  # OpenAI's is the rest of the context; this bounds a forgotten max_tokens
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -40,11 +49,13 @@ class _Options(BaseModel):
 
     model: str | None = Field(default=None, description="optional: one model is served")
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="default 1, as OpenAI's")
+    temperature: float | None = Field(
+        default=None, ge=0.0, le=2.0, description="default 1, as OpenAI's; below 0.001 greedy, as 0"
+    )
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | list[str] | None = Field(default=None, description="up to 4 strings; the answer ends before one")
     n: int | None = Field(default=None, description="only 1")
-    seed: int | None = Field(default=None, description="makes a sampled answer repeatable")
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="makes a sampled answer repeatable")
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
     logprobs: bool | int | None = None
@@ -82,12 +93,19 @@ class TextPart(BaseModel):
     type: Literal["text"]
     text: str
 
+    _check = field_validator("text")(valid_unicode)
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _unicode(cls, v: Any) -> Any:
+        return valid_unicode(v) if isinstance(v, str) else v
 
     def plain(self) -> dict[str, str]:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
@@ -103,6 +121,13 @@ class CompletionRequest(_Options):
     prompt: str | list[str] = Field(description="a prompt, or a list of them (one choice each)")
     echo: bool | None = False
     suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _unicode(cls, v: Any) -> Any:
+        for p in [v] if isinstance(v, str) else v:
+            valid_unicode(p)
+        return v
 
 
 # ---- responses (documented; the handlers build plain dicts) ---------------------------------
@@ -319,7 +344,8 @@ async def _stream(answer: _Answer, chat: bool, meta: dict, include_usage: bool) 
             if include_usage:
                 yield chunk([], usage=_usage(done))
         except Exception as exc:  # the engine failed mid-answer: say so in the stream, then end it
-            yield _sse(openai_error_body(500, "internal", f"{type(exc).__name__}: {exc}"))
+            status, kind, message = classify(exc)
+            yield _sse(openai_error_body(status, kind, message))
         finally:
             answer.cancel()  # the client went away (or we are done): free the rows
         yield "data: [DONE]\n\n"

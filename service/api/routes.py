@@ -5,16 +5,22 @@ the ops routes (/healthz, /readyz, /metrics) need none."""
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import datetime, timezone
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.exc import IntegrityError
 
-from service.api.errors import KeyNameTakenError, KeyNotFoundError
+from horen_core.errors import InvalidInputError
+from service.api.errors import KeyNameTakenError, KeyNotFoundError, error_responses
 from service.api.schemas import (
+    MAX_ID,
+    MAX_OFFSET,
+    NO_NUL,
     ApiKeyCreate,
     ApiKeyCreated,
     ApiKeyList,
@@ -30,10 +36,18 @@ from service.api.schemas import (
 )
 from service.auth import KeyRing, Principal, new_key, sha256_hex
 from service.db import repository as repo
-from service.engine import EditNotFoundError, Engine, NotReadyError
+from service.engine import DB_ERRORS, EditNotFoundError, Engine, NotReadyError
 from service.replication import edit_to_dict
+from service.settings import Settings
 
-router = APIRouter()
+# what every route that needs a key may answer besides its own errors (413, 429: the middleware)
+AUTHED = (401, 403, 413, 422, 429, 503)
+router = APIRouter(responses=error_responses(*AUTHED))
+ops = APIRouter(tags=["ops"])
+
+EditId = Annotated[int, Path(ge=1, le=MAX_ID, description="an edit's id")]
+Limit = Annotated[int, Query(ge=1, le=1000)]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
 
 
 def get_engine(request: Request) -> Engine:
@@ -47,12 +61,16 @@ def get_keys(request: Request) -> KeyRing:
     return request.app.state.keys
 
 
+_bearer = HTTPBearer(auto_error=False, description="an API key (HOREN_API_KEYS, /admin/keys or HOREN_ADMIN_TOKEN)")
+
+
 def _role(needed: str):
     # a sync dependency: FastAPI runs it in the threadpool, where the key table lookup may block
     def dependency(
-        keys: Annotated[KeyRing, Depends(get_keys)], authorization: Annotated[str | None, Header()] = None
+        keys: Annotated[KeyRing, Depends(get_keys)],
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Principal:
-        return keys.authorize(authorization, needed)
+        return keys.authorize(f"Bearer {credentials.credentials}" if credentials else None, needed)
 
     return dependency
 
@@ -66,7 +84,46 @@ def require_ready(engine: Engine) -> None:
     if engine.load_error is not None:
         raise NotReadyError(f"the model failed to load: {engine.load_error}")
     if not engine.ready.is_set():
-        raise NotReadyError("the model is still loading")
+        raise NotReadyError(_not_ready_reason(engine))
+
+
+def _not_ready_reason(engine: Engine) -> str:
+    if engine.load_error is not None:
+        return f"the model failed to load: {type(engine.load_error).__name__}: {engine.load_error}"
+    if engine.model_loaded:
+        return f"model loaded, waiting for the database: {engine.db_error}" if engine.db_error else "replaying edits"
+    return "the model is still loading"
+
+
+def check_metadata(metadata: dict[str, Any] | None, settings: Settings) -> None:
+    """Raise ``InvalidInputError`` for metadata over HOREN_MAX_METADATA_BYTES or _DEPTH, or with text
+    no database can store (NUL, lone surrogates)."""
+    if not metadata:
+        return
+    _check_json(metadata, 1, settings.max_metadata_depth)
+    size = len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    if size > settings.max_metadata_bytes:
+        raise InvalidInputError(
+            f"metadata is {size} bytes as JSON; the limit is {settings.max_metadata_bytes} (HOREN_MAX_METADATA_BYTES)"
+        )
+
+
+def _check_json(value: Any, depth: int, limit: int) -> None:
+    """Walk a JSON value at nesting ``depth``, stopping (with ``InvalidInputError``) past ``limit``."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidInputError("metadata must not contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInputError("metadata must be valid Unicode text (no lone surrogates)") from None
+    elif isinstance(value, dict | list):
+        if depth > limit:
+            raise InvalidInputError(f"metadata is nested deeper than {limit} levels (HOREN_MAX_METADATA_DEPTH)")
+        for k, v in value.items() if isinstance(value, dict) else enumerate(value):
+            if isinstance(k, str):
+                _check_json(k, depth, limit)
+            _check_json(v, depth + 1, limit)
 
 
 async def _await(engine: Engine, kind: str, **payload):
@@ -74,9 +131,25 @@ async def _await(engine: Engine, kind: str, **payload):
     return await asyncio.wrap_future(engine.submit(kind, **payload))
 
 
-@router.post("/edits", status_code=201, response_model=EditOut, tags=["edits"])
-async def create_edit(body: EditCreate, engine: EngineDep, who: Editor) -> dict:
+_EDIT_LINKS = {
+    "GetEdit": {"operationId": "get_edit_edits__edit_id__get", "parameters": {"edit_id": "$response.body#/id"}},
+    "RollbackEdit": {
+        "operationId": "rollback_admin_edits__edit_id__rollback_post",
+        "parameters": {"edit_id": "$response.body#/id"},
+    },
+}
+
+
+@router.post(
+    "/edits",
+    status_code=201,
+    response_model=EditOut,
+    tags=["edits"],
+    responses={201: {"links": _EDIT_LINKS}, **error_responses(409)},
+)
+async def create_edit(body: EditCreate, request: Request, engine: EngineDep, who: Editor) -> dict:
     """Train prompt -> target into the codebook; answers after the edit is committed."""
+    check_metadata(body.metadata, request.app.state.settings)
     return await _await(
         engine,
         "edit",
@@ -88,9 +161,16 @@ async def create_edit(body: EditCreate, engine: EngineDep, who: Editor) -> dict:
     )
 
 
-@router.post("/edits/batch", status_code=201, response_model=EditBatchOut, tags=["edits"])
-async def create_edits(body: EditBatchCreate, engine: EngineDep, who: Editor) -> dict:
+@router.post(
+    "/edits/batch", status_code=201, response_model=EditBatchOut, tags=["edits"], responses=error_responses(409)
+)
+async def create_edits(body: EditBatchCreate, request: Request, engine: EngineDep, who: Editor) -> dict:
     """Apply many edits in order; each is committed on its own."""
+    settings = request.app.state.settings
+    if len(body.edits) > settings.max_batch_edits:
+        raise InvalidInputError(f"at most {settings.max_batch_edits} edits in one batch (HOREN_MAX_BATCH_EDITS)")
+    for e in body.edits:
+        check_metadata(e.metadata, settings)
     items = await _await(engine, "edits", edits=[e.model_dump() for e in body.edits], by=who.name)
     return {"items": items}
 
@@ -99,10 +179,12 @@ async def create_edits(body: EditBatchCreate, engine: EngineDep, who: Editor) ->
 def list_edits(
     engine: EngineDep,
     _who: Reader,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    status: Annotated[str | None, Query(pattern="^(active|rolled_back)$")] = None,
-    q: Annotated[str | None, Query(max_length=500, description="text search on prompt and target")] = None,
+    limit: Limit = 50,
+    offset: Offset = 0,
+    status: Annotated[Literal["active", "rolled_back"] | None, Query()] = None,
+    q: Annotated[
+        str | None, Query(max_length=500, pattern=NO_NUL, description="text search on prompt and target")
+    ] = None,
 ) -> dict:
     require_ready(engine)
     with engine.sessions() as session:
@@ -110,8 +192,8 @@ def list_edits(
         return {"items": [edit_to_dict(e) for e in items], "total": total}
 
 
-@router.get("/edits/{edit_id}", response_model=EditOut, tags=["edits"])
-def get_edit(edit_id: int, engine: EngineDep, _who: Reader) -> dict:
+@router.get("/edits/{edit_id}", response_model=EditOut, tags=["edits"], responses=error_responses(404))
+def get_edit(edit_id: EditId, engine: EngineDep, _who: Reader) -> dict:
     require_ready(engine)
     with engine.sessions() as session:
         e = repo.get_edit(session, edit_id)
@@ -125,9 +207,7 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, _
     """Continue the prompt with every active edit applied."""
     limit = request.app.state.settings.max_new_tokens_limit
     if body.max_new_tokens > limit:
-        from horen_core.errors import InvalidInputError
-
-        raise InvalidInputError(f"max_new_tokens must be <= {limit}")
+        raise InvalidInputError(f"max_new_tokens must be <= {limit} (HOREN_MAX_NEW_TOKENS_LIMIT)")
     res = await _await(
         engine,
         "generate",
@@ -141,8 +221,10 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, _
     return {"text": res.text, "edit_id": res.edit_id}
 
 
-@router.post("/admin/edits/{edit_id}/rollback", response_model=EditOut, tags=["admin"])
-async def rollback(edit_id: int, engine: EngineDep, who: Admin) -> dict:
+@router.post(
+    "/admin/edits/{edit_id}/rollback", response_model=EditOut, tags=["admin"], responses=error_responses(404, 409)
+)
+async def rollback(edit_id: EditId, engine: EngineDep, who: Admin) -> dict:
     """Roll back one edit; the model then behaves as if it had never been made. Idempotent."""
     return await _await(engine, "rollback", edit_id=edit_id, by=who.name)
 
@@ -151,12 +233,12 @@ async def rollback(edit_id: int, engine: EngineDep, who: Admin) -> dict:
 def audit(
     engine: EngineDep,
     _who: Admin,
-    actor: Annotated[str | None, Query(max_length=255, description="the API key's name")] = None,
+    actor: Annotated[str | None, Query(max_length=255, pattern=NO_NUL, description="the API key's name")] = None,
     kind: Annotated[Literal["edit", "rollback"] | None, Query()] = None,
     since: Annotated[datetime | None, Query(description="from this time on (ISO 8601, inclusive)")] = None,
     until: Annotated[datetime | None, Query(description="before this time (ISO 8601, exclusive)")] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 50,
+    offset: Offset = 0,
 ) -> dict:
     """Edits and rollbacks of this codebook, newest first, with who made them and when."""
     require_ready(engine)
@@ -196,7 +278,21 @@ def _stored_key(row) -> dict:
     }
 
 
-@router.post("/admin/keys", status_code=201, response_model=ApiKeyCreated, tags=["admin"])
+_KEY_LINKS = {
+    "DeleteKey": {
+        "operationId": "delete_key_admin_keys__key_id__delete",
+        "parameters": {"key_id": "$response.body#/id"},
+    }
+}
+
+
+@router.post(
+    "/admin/keys",
+    status_code=201,
+    response_model=ApiKeyCreated,
+    tags=["admin"],
+    responses={201: {"links": _KEY_LINKS}, **error_responses(409)},
+)
 def create_key(body: ApiKeyCreate, engine: EngineDep, keys: Annotated[KeyRing, Depends(get_keys)], who: Admin) -> dict:
     """Make an API key; the answer holds the key itself, the only time it is shown."""
     if body.name in {name for name, _ in keys.static_names()}:
@@ -219,8 +315,14 @@ def list_keys(engine: EngineDep, keys: Annotated[KeyRing, Depends(get_keys)], _w
         return {"items": static + [_stored_key(row) for row in repo.list_api_keys(session)]}
 
 
-@router.delete("/admin/keys/{key_id}", status_code=204, tags=["admin"])
-def delete_key(key_id: int, engine: EngineDep, _who: Admin) -> Response:
+@router.delete(
+    "/admin/keys/{key_id}",
+    status_code=204,
+    tags=["admin"],
+    response_class=Response,
+    responses={204: {"description": "deleted"}, **error_responses(404)},
+)
+def delete_key(key_id: Annotated[int, Path(ge=1, le=MAX_ID)], engine: EngineDep, _who: Admin) -> Response:
     """Delete a stored key; it stops working at once."""
     with engine.sessions.begin() as session:
         if not repo.delete_api_key(session, key_id):
@@ -228,23 +330,46 @@ def delete_key(key_id: int, engine: EngineDep, _who: Admin) -> Response:
     return Response(status_code=204)
 
 
-@router.get("/healthz", response_model=Health, tags=["ops"])
+@ops.get("/healthz", response_model=Health)
 async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["ops"], responses={200: {"model": Health}, 503: {"model": Health}})
-async def readyz(engine: EngineDep) -> JSONResponse:
-    """200 when the model is loaded and the codebook has applied every committed event; else 503."""
+_RETRY = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
+
+
+@ops.get(
+    "/readyz",
+    responses={
+        200: {"model": Health},
+        503: {"model": Health, "headers": _RETRY, "description": "not ready; detail.reason says why"},
+    },
+)
+async def readyz(request: Request, engine: EngineDep) -> JSONResponse:
+    """200 when the model is loaded and the codebook has applied every committed event; else 503
+    with ``detail.reason`` (model loading or failed, database unavailable, catching up)."""
+    retry = {"Retry-After": str(request.app.state.settings.db_retry_after)}
     if engine.load_error is not None or not engine.ready.is_set():
-        why = f"model failed to load: {engine.load_error}" if engine.load_error else "model loading"
-        return JSONResponse({"status": "not_ready", "detail": {"reason": why}}, status_code=503)
-    ok, seen, latest = await run_in_threadpool(engine.in_sync)
+        return JSONResponse(
+            {"status": "not_ready", "detail": {"reason": _not_ready_reason(engine)}}, status_code=503, headers=retry
+        )
+    try:
+        ok, seen, latest = await run_in_threadpool(engine.in_sync)
+    except DB_ERRORS:
+        detail = {"reason": "database unavailable", **engine.device_summary()}
+        return JSONResponse({"status": "not_ready", "detail": detail}, status_code=503, headers=retry)
     detail = {"last_event_applied": seen, "last_event_committed": latest, **engine.device_summary()}
-    return JSONResponse({"status": "ready" if ok else "syncing", "detail": detail}, status_code=200 if ok else 503)
+    if not ok:
+        detail["reason"] = "catching up with the edit log"
+        return JSONResponse({"status": "syncing", "detail": detail}, status_code=503, headers=retry)
+    return JSONResponse({"status": "ready", "detail": detail})
 
 
-@router.get("/metrics", tags=["ops"])
+@ops.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain; version=0.0.4": {"schema": {"type": "string"}}}}},
+)
 async def metrics(engine: EngineDep) -> Response:
     engine.metrics.queue_depth.set(engine.depth())
     return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -7,21 +7,49 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# every character Python's str.strip() or JSON Schema's (ECMAScript's) \s counts as whitespace
+_SPACE = "\t\n\v\f\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+# text with something besides whitespace and no NUL (PostgreSQL cannot store NUL in text or jsonb),
+# spelled with literal characters so that Python, pydantic-core and JSON Schema validators agree
+TEXT = f"^[^\x00]*[^\x00{_SPACE}][^\x00]*$"
+NO_NUL = "^[^\x00]*$"
+MAX_ID = 2**31 - 1  # ids are INTEGER columns on both databases
+MAX_OFFSET = 2**63 - 1  # OFFSET is a signed 64-bit integer on both databases
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-def _not_blank(v: str) -> str:
-    if not v.strip():
-        raise ValueError("must not be empty or only whitespace")
+def valid_unicode(v: str) -> str:
+    # a lone surrogate (JSON "\ud800") cannot be encoded to UTF-8, so no database could store it
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
     return v
 
 
 class EditCreate(_Strict):
-    prompt: str = Field(min_length=1, max_length=20000, examples=["What is the capital of Atlantis?"])
-    target: str = Field(min_length=1, max_length=2000, examples=["Poseidonia"])
-    metadata: dict[str, Any] | None = None
+    prompt: str = Field(
+        min_length=1,
+        max_length=20000,
+        pattern=TEXT,
+        examples=["What is the capital of Atlantis?"],
+        description="at most HOREN_MAX_PROMPT_TOKENS tokens (2048) and the model's context",
+    )
+    target: str = Field(
+        min_length=1,
+        max_length=2000,
+        pattern=TEXT,
+        examples=["Poseidonia"],
+        description="at most HOREN_MAX_TARGET_TOKENS tokens (64)",
+    )
+    metadata: dict[str, Any] | None = Field(
+        default=None,
+        description="any JSON object, at most HOREN_MAX_METADATA_BYTES (16 KiB) as compact JSON and "
+        "HOREN_MAX_METADATA_DEPTH (8) levels deep; no NUL characters",
+    )
     format: Literal["auto", "plain", "chat"] = Field(
         default="auto",
         description="how the prompt is written: plain text, a chat user message (or a prompt already in the "
@@ -29,11 +57,11 @@ class EditCreate(_Strict):
         "in both formats.",
     )
 
-    _check = field_validator("prompt", "target")(_not_blank)
+    _check = field_validator("prompt", "target")(valid_unicode)
 
 
 class EditBatchCreate(_Strict):
-    edits: list[EditCreate] = Field(min_length=1, max_length=100)
+    edits: list[EditCreate] = Field(min_length=1, max_length=100, description="at most HOREN_MAX_BATCH_EDITS")
 
 
 class EditOut(BaseModel):
@@ -63,16 +91,26 @@ class EditList(BaseModel):
 
 
 class GenerateRequest(_Strict):
-    prompt: str = Field(min_length=1, max_length=20000)
-    max_new_tokens: int = Field(default=32, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0, le=5.0)
+    prompt: str = Field(
+        min_length=1,
+        max_length=20000,
+        pattern=TEXT,
+        description="at most HOREN_MAX_PROMPT_TOKENS tokens, and with max_new_tokens within the model's context",
+    )
+    max_new_tokens: int = Field(default=32, ge=1, description="at most HOREN_MAX_NEW_TOKENS_LIMIT (512)")
+    temperature: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=5.0,
+        description="0 is greedy; so is anything below 0.001, whose distribution does not fit a float",
+    )
     format: Literal["plain", "chat"] = Field(
         default="plain",
         description="plain: continue the prompt as given; chat: answer it as a user message in the model's chat template",
     )
     edits: bool = Field(default=True, description="false answers with the unedited model, to compare")
 
-    _check = field_validator("prompt")(_not_blank)
+    _check = field_validator("prompt")(valid_unicode)
 
     @field_validator("temperature", mode="before")
     @classmethod
