@@ -1,19 +1,18 @@
 """Alembic environment for SQLite and PostgreSQL (batch mode on SQLite, which cannot ALTER most things).
 
-URL: the config's sqlalchemy.url (set by `upgrade_database`), else HOREN_DATABASE_URL, else the
-service's default SQLite file, <HOREN_DATA_DIR or .horen>/horen.db.
+URL: the config's sqlalchemy.url (set by `upgrade_database`), else the service's own
+`Settings().resolved_database_url()` (HOREN_DATABASE_URL, or the SQLite file in HOREN_DATA_DIR).
 """
 
 from __future__ import annotations
 
-import os
 from logging.config import fileConfig
-from pathlib import Path
 
 from alembic import context
 
 from service.db.models import Base
 from service.db.session import make_engine
+from service.settings import Settings
 
 config = context.config
 if config.config_file_name is not None:  # the CLI; in-process upgrades keep the app's logging
@@ -26,11 +25,7 @@ def database_url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    url = os.environ.get("HOREN_DATABASE_URL")
-    if url:
-        return url
-    data_dir = Path(os.environ.get("HOREN_DATA_DIR") or ".horen")
-    return f"sqlite:///{data_dir / 'horen.db'}"
+    return Settings().resolved_database_url()
 
 
 def configure(connection) -> None:
