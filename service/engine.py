@@ -71,6 +71,8 @@ class GenerateResult:
     finish_reason: str = "length"  # "stop": end of text or a stop string; "length": max_new_tokens reached
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    score: float | None = None  # routing cosine of the prompt with its best key; None when answered unedited
+    threshold: float | None = None  # the cosine routing must reach; None when answered unedited
 
 
 class TokenSink(Protocol):
@@ -359,7 +361,8 @@ class Engine:
             text, stopped = cut_at_stop(editor.tokenizer.decode(toks, skip_special_tokens=True), row.stops)
             row.finish(text)
             finish = "stop" if stopped or len(toks) < limit else "length"
-            j.future.set_result(GenerateResult(text, g.edit_id, finish, len(ids), len(toks)))
+            routing = (g.score, editor.config.threshold) if edited else (None, None)
+            j.future.set_result(GenerateResult(text, g.edit_id, finish, len(ids), len(toks), *routing))
             self.metrics.generate_latency.observe(time.perf_counter() - j.accepted)
         log.debug("generated %d in %.3fs", len(ok), time.perf_counter() - t0)
 

@@ -202,7 +202,7 @@ def get_edit(edit_id: EditId, engine: EngineDep, _who: Reader) -> dict:
         return edit_to_dict(e)
 
 
-@router.post("/generate", response_model=GenerateOut, tags=["generate"])
+@router.post("/generate", response_model=GenerateOut, response_model_exclude_unset=True, tags=["generate"])
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep, _who: Reader) -> dict:
     """Continue the prompt with every active edit applied."""
     limit = request.app.state.settings.max_new_tokens_limit
@@ -218,7 +218,10 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, _
         edits=body.edits,
     )
     engine.metrics.generates.inc()
-    return {"text": res.text, "edit_id": res.edit_id}
+    out = {"text": res.text, "edit_id": res.edit_id}
+    if res.score is not None:  # answered with edits: say how close routing came
+        out.update(score=res.score, threshold=res.threshold)
+    return out
 
 
 @router.post(

@@ -121,6 +121,13 @@ class GenerateRequest(_Strict):
 class GenerateOut(BaseModel):
     text: str = Field(description="the continuation only")
     edit_id: int | None = Field(description="the edit whose codebook entry routed this prompt, or null")
+    score: float | None = Field(
+        default=None,
+        description="cosine of the prompt's query with its best key (0 with no keys); left out when edits is false",
+    )
+    threshold: float | None = Field(
+        default=None, description="the cosine a key must reach to route the prompt; left out when edits is false"
+    )
 
 
 class AuditEvent(BaseModel):
