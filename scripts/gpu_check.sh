@@ -6,7 +6,7 @@
 # Logs go to $OUT (default ./gpu-out), one per step.
 #
 #   .whl/  (optional) wheels installed first into /tmp/site: the service's dependencies; on the lent
-#          image (eighth session) alembic, annotated-types, faiss-cpu, fastapi, mako, opentelemetry-api
+#          image alembic, annotated-types, faiss-cpu, fastapi, mako, opentelemetry-api
 #          (fastapi 0.165 imports it), pydantic, pydantic-core, pydantic-settings, python-dotenv,
 #          sqlalchemy, starlette, typing-inspection and uvicorn, at the versions of .venv (26 MB)
 #   TOK    a folder holding <name>/tokenizer_config.json (default .gpu/tok; else .horen/converted)

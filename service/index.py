@@ -1,43 +1,26 @@
 """KeyIndex: an approximate prefilter over the codebook's unit keys, kept as derived state.
 
-Routing compares a query with every key; at a million keys that is seconds per query on a CPU. The
-index returns, per query, the ``top_k`` entries nearest to it, and the editor then refines and
-thresholds over those keys only (``HopfieldRetriever.route(..., candidates)``), so the index only
-has to contain the key exact routing would pick, not decide anything itself.
+Contract: per query, the ``top_k`` entries nearest to it, so that routing refines and thresholds
+over those keys only (``HopfieldRetriever.route(..., candidates)``); the index never decides a
+route, it only has to contain the key exact routing would pick.
 
-On the CPU the keys are mapped into 256 dimensions: 255 principal components and the norm of what
-they leave out (the residual; a query puts a fraction of its own there, see ``_fit``), the basis
-randomly rotated; L2 order there approximates cosine order over the full keys. They are scanned
-exhaustively: exactly (``IndexFlatL2``) below ``pq_min_keys``, and above it as 4-bit
-product-quantised codes with FAISS's SIMD fast scan (``IndexPQFastScan``, four dimensions per code:
-32 bytes per key), split into shards that one query scans on parallel threads (``_ShardedScan``).
-The scan fetches ``scan_k`` (2048) codes; each shard re-ranks its share by exact distance in that
-space (``IndexRefineFlat``: the mapped keys are kept beside the codes, 1 KB per key) and the best
-``top_k`` (512) go on; with the retriever's support given, the provider scores them against the
-full keys in place and hands routing only the 32 nearest, the ones its refinement attends
-(``HorenConfig.hopfield_support``).
-Why so (bench/index_bench.py; 1M keys shaped like the model's, 20,640 of them real): the model's
-queries spread their energy flatly (PCA keeps 74% of it in 256 dimensions) and sit in dense
-neighbourhoods. Plain PCA distances rank the keys the components describe worst too near: exactly
-searched, 256 candidates agreed with exact routing on 0.9985 of real queries, and through the codes
-0.9942 (fetching 2048); with the residual coordinate 0.9991-0.9997 and 0.9991-0.9994 (``_fit``).
-Before it, the codes needed two dimensions per code (64 bytes) and 1024 candidates for 0.9991;
-rotating the basis took 768 codes from 0.9848 to 0.9915 (PCA order puts most of the variance in
-the first codes). Graphs and partitions do worse on such keys: HNSW (M 32, 8 minutes to build 1M)
-found the routed key of 96.7% of CounterFact rephrases at efSearch 256 in 1.8 ms; IVF (1024 lists,
-128 probes) 95-96%; residual codes per IVF list, every list scanned, no better than these codes and
-1.8-3x slower.
+How, on the CPU: keys are mapped into 256 dimensions (255 principal components plus the norm of the
+residual they leave out, the basis randomly rotated; see ``_fit``), scanned exhaustively, exactly
+(``IndexFlatL2``) below ``pq_min_keys`` and as 4-bit product-quantised fast-scan codes above it
+(32 bytes per key, split into shards scanned on parallel threads, ``_ShardedScan``). A scan fetches
+``scan_k`` codes, each shard re-ranks its share by exact distance in the reduced space
+(``IndexRefineFlat``) and the best ``top_k`` go on; with the retriever's support given, the provider
+scores them against the full keys in place and hands routing the ``support`` nearest, the keys its
+refinement attends. Why these choices, with measurements: docs/design.md and docs/benchmarks.md.
+
 Removal leaves a tombstone that searches over-fetch past; past ``rebuild_fraction`` of the live
-entries (at most ``_MAX_DEAD``) the codes are compacted. With ``use_gpu`` (a codebook on a CUDA
-device) it is an exact flat inner-product index on the GPU when FAISS has GPU support (the ``gpu``
-extra); without it the index stays empty and routing is exact on the GPU: one pass over the keys
-there is faster than a CPU scan plus the transfers (bench/gpu_routing.py).
+entries (at most ``_MAX_DEAD``) the codes are compacted. With ``use_gpu`` it is an exact flat
+inner-product index on the GPU when FAISS has GPU support (the ``gpu`` extra); without it the index
+stays empty and routing is exact on the GPU.
 
 FAISS stores sequential labels; ``_label_entry`` maps each to the stable entry id (never a row,
-since codebook rows move), so a removed vector and the re-added key of the same entry differ.
-``candidate_provider`` maps entry ids to the codebook's current rows at query time.
-
-Not thread-safe: the engine thread is the only caller, of ``sync`` and of the provider alike.
+since codebook rows move). ``candidate_provider`` maps entry ids to the codebook's current rows at
+query time. Not thread-safe: the engine thread is the only caller, of ``sync`` and the provider.
 """
 
 from __future__ import annotations
@@ -59,11 +42,7 @@ log = logging.getLogger(__name__)
 
 CandidateProvider = Callable[[torch.Tensor], torch.Tensor | None]
 
-# From this many keys the index (an exact scan in the PCA space below pq_min_keys) routes faster than
-# exhaustive search, with the same routes: bench/index_bench.py --real at 1536 dims on this 2-core CPU,
-# ninth session, agreement 1.0000 on every query at each size: 4,096 real keys 0.51 ms prefiltered vs
-# 1.35 exhaustive, 4,000 (half real) 0.40 vs 1.30, 8,000 0.58 vs 2.99, 16,000 1.31 vs 5.36. (Before
-# routing over the candidates moved to numpy the crossing was near 16K: 10K keys 1.59 vs 1.44 ms.)
+# from this many keys the index routes faster than exhaustive search, with the same routes
 DEFAULT_MIN_KEYS = 4096
 _SIGNATURE_PROBES = 8  # random projections per key that reveal a key changed under the same entry id
 _SIGNATURE_TOL = 1e-5  # float noise of recomputing a projection; a changed key moves it ~1e-2
@@ -117,12 +96,8 @@ def _search_alone(index: faiss.Index, x: np.ndarray, k: int) -> tuple[np.ndarray
 class _ShardedScan:
     """A trained ``IndexPQFastScan`` split into shards that one search scans in parallel: the calling
     thread the first, ``_workers`` the others (FAISS releases the GIL). The scan is bound by compute,
-    not memory: reading 1M keys' 32 MB of codes takes 1.1 ms on two threads, scanning them 2.1-2.4 ms;
-    the two vCPUs of this VM give 1.2-1.5x on it (one 500K shard alone 1.3-1.8 ms with its re-rank,
-    both in parallel 1.8-3.2 ms), and the whole routing path at 1M keys went from 2.00 to 1.60 ms per
-    query with two shards on an earlier, faster day. FAISS's threaded ``IndexShards`` did the same
-    with more overhead per search: same runs, single queries, 40K keys 2.64-2.84 ms vs 2.83-3.00 for
-    the whole routing path, 1M keys candidates 4.46-5.05 ms vs 4.58-5.19 (a slow day).
+    not memory, so shards on separate cores shorten it; FAISS's ``IndexShards`` does the same with
+    more overhead per search.
     With ``refine`` each shard keeps the (reduced) vectors beside its codes (``IndexRefineFlat``, 4
     bytes per dimension) and re-ranks its share of the codes a search fetches by exact distance, in
     C++ on its own thread; the shards' best merge into one exact order.
@@ -408,8 +383,7 @@ class KeyIndex:
         With the retriever's ``support`` s (< top_k) and the keys in host memory, the provider hands
         over each query's s nearest candidates by exact inner product with the full keys instead,
         the rows routing would attend anyway (``HopfieldRetriever._nearest``), scored in place by
-        FAISS rather than gathered by torch: 1M keys, 512 candidates, 0.37 + 0.23 ms instead of 0.95
-        for routing, the same routes (bench/index_bench.py --real)."""
+        FAISS rather than gathered by torch (the same routes, in less time)."""
 
         def provide(queries: torch.Tensor) -> torch.Tensor | None:
             if self.exact_on_device or len(codebook) < self.min_keys:
@@ -481,12 +455,7 @@ class KeyIndex:
         # lam is the residuals' typical cosine between a query and its near keys, estimated here
         # between sampled keys and their nearest others. Plain PCA distances (no such coordinate)
         # are off by |r_q - r_k|^2, which ranks the keys the components describe worst too near.
-        # 1M keys drawn like the model's (20,640 real), 3,280 real rephrase and locality queries,
-        # agreement with exact routing given the 256 nearest in the index space exactly: plain PCA
-        # 0.9985; lam 0: 0.9991, 0.25: 0.9997, 0.5: 0.9991, 1: 0.9930; through the 32-byte codes
-        # (2048 fetched, re-ranked to 256): plain 0.9942, lam 0: 0.9991, 0.25: 0.9994, 0.5: 0.9982.
-        # The estimate: 0.32 on the real keys alone, 0 among such fillers (their residuals are
-        # independent draws), 0.49 on the clustered keys of tests/service/test_index.py.
+        # (measured agreement for lam 0 to 1 and the estimate's values: docs/benchmarks.md)
         r = self.reduced_dim
         basis = vecs[:, -(r - 1) :].flip(1)
         self._query_residual = self._residual_cosine(x, basis.float())
