@@ -5,7 +5,7 @@ databases. All public methods take the editor's lock, so one editor may be share
 Editing trains one value vector. Only what can change is computed: the layers below the edited one
 (and the edited layer itself) run once per edit, because their activations do not depend on the
 value; each step then runs the layers above on that cached hidden state, with the value added at
-the last prompt token, and projects to logits only at the target positions.
+the question's last token, and projects to logits only at the target positions.
 """
 
 from __future__ import annotations
