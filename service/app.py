@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
 
+from service import console
 from service.api import openai_compat
 from service.api.errors import install_error_handlers
 from service.api.limits import LimitsMiddleware
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(openai_compat.router)
     app.include_router(ops)
+    console.install(app)
     app.openapi = lambda: _openapi(app, settings)
     return app
 
