@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import exc as sa
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from horen_core.errors import CorruptStateError, InvalidInputError
 from service.auth import AdminDisabledError, EditsDisabledError, ForbiddenError, UnauthorizedError
@@ -190,6 +191,27 @@ def _response(req: Request, status: int, kind: str, message: str, param: str | N
     return error_response(req.url.path, status, kind, message, param, headers, retry_db)
 
 
+def _allowed_methods(req: Request) -> list[str]:
+    scope = {"type": "http", "path": req.url.path, "root_path": "", "method": "", "headers": []}
+    return sorted({m for route in _routes(req.app.router.routes) for m in route.methods if _matches(route, scope)})
+
+
+def _routes(routes) -> list:
+    """Leaf routes with methods, also those of included routers."""
+    out = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            out += _routes(inner.routes)
+        elif getattr(route, "methods", None):
+            out.append(route)
+    return out
+
+
+def _matches(route, scope: dict) -> bool:
+    return route.matches(scope)[0] != Match.NONE
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def handler(req: Request, exc: Exception) -> JSONResponse:
         status, kind, message = classify(exc)
@@ -216,6 +238,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(req: Request, exc: StarletteHTTPException) -> JSONResponse:
         kinds = {404: "not_found", 405: "method_not_allowed"}
         kind = kinds.get(exc.status_code, "http_error")
-        return _response(req, exc.status_code, kind, str(exc.detail), headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # Starlette names the first matching route's methods, not all of them
+            headers["Allow"] = ", ".join(_allowed_methods(req))
+        return _response(req, exc.status_code, kind, str(exc.detail), headers=headers)
 
     app.add_exception_handler(Exception, handler)
