@@ -442,6 +442,9 @@ function wire() {
 }
 
 wire();
+new ResizeObserver(() => {
+  if (state.session) drawEditsPlot($("edits-plot"), state.allEdits);
+}).observe($("edits-plot"));
 const saved = sessionStorage.getItem(KEY_STORE);
 if (saved !== null) {
   signIn(saved).catch((err) => {

@@ -1,7 +1,6 @@
 // A step plot of edits over time, drawn as SVG by hand: edits made so far and edits still active.
 
 const NS = "http://www.w3.org/2000/svg";
-const W = 600;
 const H = 160;
 const PAD = { left: 36, right: 8, top: 10, bottom: 22 };
 
@@ -19,7 +18,10 @@ function steps(events) {
   return events.map(([t, d]) => [t, (n += d)]);
 }
 
+// drawn in the SVG's own pixel width, so text is never stretched; redraw when that width changes
 export function drawEditsPlot(svg, edits, now = Date.now()) {
+  const W = Math.max(svg.clientWidth, 240);
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   svg.replaceChildren();
   const made = steps(edits.map((e) => [Date.parse(e.created_at), 1]));
   const active = steps(
