@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from starlette.types import Scope
 
 from service.api.errors import error_responses
-from service.api.routes import get_keys
+from service.api.routes import AUTHED, get_keys
 from service.auth import EditsDisabledError, KeyRing
 
 STATIC = Path(__file__).parent / "static"
@@ -37,7 +37,7 @@ class ConsoleSession(BaseModel):
     open: bool = Field(description="true when the service has no API keys and the caller gave none")
 
 
-@router.get("/console/session", response_model=ConsoleSession, responses=error_responses(401))
+@router.get("/console/session", response_model=ConsoleSession, responses=error_responses(*AUTHED))
 def console_session(
     keys: Annotated[KeyRing, Depends(get_keys)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],

@@ -48,6 +48,7 @@ def browser():
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)")
     SHOTS.mkdir(parents=True, exist_ok=True)
+    sync_api.expect.set_options(timeout=TIMEOUT)  # its default of 5 s is not the context's
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
         yield b
