@@ -1,4 +1,5 @@
-"""Real server processes on free ports, with the real default model, on SQLite or PostgreSQL."""
+"""Real server processes on free ports, with the real default model (or the tiny random one of
+tests/service), on SQLite or PostgreSQL."""
 
 from __future__ import annotations
 
@@ -27,10 +28,17 @@ def free_port() -> int:
 
 class Server:
     def __init__(
-        self, db_url: str, data_dir: Path, log_path: Path, device: str = "cpu", model: str | None = None
+        self,
+        db_url: str,
+        data_dir: Path,
+        log_path: Path,
+        device: str = "cpu",
+        model: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.db_url, self.data_dir, self.log_path = db_url, data_dir, log_path
         self.device, self.model = device, model  # model None: the bundled default
+        self.env = dict(env or {})  # more HOREN_ settings
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
@@ -51,6 +59,7 @@ class Server:
         }
         if self.model:
             env["HOREN_MODEL"] = self.model
+        env.update(self.env)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--log-level", "warning"],
@@ -116,6 +125,49 @@ def database_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'horen.db'}"
     return request.getfixturevalue("pg_database_url")
+
+
+# method settings that make the tiny model learn an edit in a fraction of a second
+TINY_HOREN = '{"layer": 1, "max_steps": 60, "lr": 0.5, "stop_loss": 1.0}'
+
+
+@pytest.fixture(scope="session")
+def e2e_tiny_model_dir(tmp_path_factory) -> Path:
+    from tests.service.conftest import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("e2e-tiny"), max_positions=256)
+
+
+@pytest.fixture()
+def make_tiny_server(tmp_path, e2e_tiny_model_dir):
+    """Like make_server, on the tiny model; extra keyword arguments are HOREN_ settings (name=value)."""
+    servers: list[Server] = []
+
+    def factory(db_url: str, name: str = "a", **settings: str) -> Server:
+        env = {"HOREN_HOREN": TINY_HOREN, **{f"HOREN_{k.upper()}": str(v) for k, v in settings.items()}}
+        s = Server(
+            db_url, tmp_path / f"data-{name}", tmp_path / f"server-{name}.log", model=str(e2e_tiny_model_dir), env=env
+        )
+        servers.append(s)
+        return s
+
+    yield factory
+    for s in servers:
+        s.stop(kill=True)
+
+
+@pytest.fixture()
+def scratch_pg():
+    """A PostgreSQL cluster of this test's own (tests/e2e/scratch_pg.py), free to stop and start."""
+    from tests.e2e.scratch_pg import ScratchPostgres, unavailable_reason
+
+    why = unavailable_reason()
+    if why:
+        pytest.skip(f"no scratch PostgreSQL: {why}")
+    pg = ScratchPostgres().init()
+    pg.start()
+    yield pg
+    pg.destroy()
 
 
 @pytest.fixture()
