@@ -425,6 +425,9 @@ def check_compose(root: Path) -> list[str]:
         token = env.get("HOREN_ADMIN_TOKEN", "")
         if not re.fullmatch(r"\$\{HOREN_ADMIN_TOKEN:\?[^}]*\}", token):
             problems.append(f"{where}.environment: HOREN_ADMIN_TOKEN must be `${{HOREN_ADMIN_TOKEN:?message}}`")
+        if "HOREN_API_KEYS" not in env:
+            # it listens on 0.0.0.0, where an open service refuses anonymous edits: keys must be settable
+            problems.append(f"{where}.environment: no HOREN_API_KEYS (on 0.0.0.0 edits need an API key)")
         depends = api.get("depends_on")
         if not isinstance(depends, dict) or (depends.get("db") or {}).get("condition") != "service_healthy":
             problems.append(f"{where}.depends_on: db with `condition: service_healthy` is required")

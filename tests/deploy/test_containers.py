@@ -100,6 +100,11 @@ BREAKAGES: list[tuple[str, Callable[[Path], None], str]] = [
         "HOREN_ADMIN_TOKEN must be",
     ),
     (
+        "no way to give the api its API keys",
+        lambda r: _edit(r / COMPOSE, "  HOREN_API_KEYS: ${HOREN_API_KEYS:-[]}\n", ""),
+        "no HOREN_API_KEYS",
+    ),
+    (
         "api starts before the database is healthy",
         lambda r: _edit(r / COMPOSE, "condition: service_healthy", "condition: service_started"),
         "db with `condition: service_healthy` is required",
