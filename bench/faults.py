@@ -248,7 +248,7 @@ def main() -> None:
     if args.tiny:
         from tests.service.conftest import build_tiny_model_dir
 
-        args.model = str(build_tiny_model_dir(root / "tiny", max_positions=256))
+        args.model = str(build_tiny_model_dir(root / "tiny", max_positions=256, chat=True))
     want = set(filter(None, args.only.split(","))) or {"kill-sqlite", "kill-postgres", "db", "read-only", "full"}
     rows = []
     if "kill-sqlite" in want:

@@ -193,7 +193,9 @@ def _response(req: Request, status: int, kind: str, message: str, param: str | N
 
 def _allowed_methods(req: Request) -> list[str]:
     scope = {"type": "http", "path": req.url.path, "root_path": "", "method": "", "headers": []}
-    return sorted({m for route in _routes(req.app.router.routes) for m in route.methods if _matches(route, scope)})
+    matched = [route for route in _routes(req.app.router.routes) if _matches(route, scope)]
+    literal = [route for route in matched if "{" not in route.path]  # /edits/batch, not /edits/{edit_id}
+    return sorted({m for route in literal or matched for m in route.methods})
 
 
 def _routes(routes) -> list:
@@ -203,7 +205,7 @@ def _routes(routes) -> list:
         inner = getattr(route, "original_router", None)
         if inner is not None:
             out += _routes(inner.routes)
-        elif getattr(route, "methods", None):
+        elif getattr(route, "methods", None) and getattr(route, "include_in_schema", True):
             out.append(route)
     return out
 
@@ -236,7 +238,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(req: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kinds = {404: "not_found", 405: "method_not_allowed"}
+        kinds = {400: "malformed_json", 404: "not_found", 405: "method_not_allowed"}
         kind = kinds.get(exc.status_code, "http_error")
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:  # Starlette names the first matching route's methods, not all of them

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -31,7 +31,7 @@ from service.api.errors import (
     openai_error_body,
 )
 from service.api.routes import EngineDep, Reader, require_ready
-from service.api.schemas import valid_unicode
+from service.api.schemas import TEXT, valid_unicode
 from service.engine import Engine, GenerateResult
 from service.settings import Settings
 
@@ -45,7 +45,7 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 # ---- requests -------------------------------------------------------------------------------
 class _Options(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # strict: 0 is not false, "1" is not 1
 
     model: str | None = Field(default=None, description="optional: one model is served")
     max_tokens: int | None = Field(default=None, ge=1)
@@ -117,8 +117,13 @@ class ChatCompletionRequest(_Options):
     max_completion_tokens: int | None = Field(default=None, ge=1, description="the newer name of max_tokens")
 
 
+PromptText = Annotated[str, Field(min_length=1, max_length=20000, pattern=TEXT)]
+
+
 class CompletionRequest(_Options):
-    prompt: str | list[str] = Field(description="a prompt, or a list of them (one choice each)")
+    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=100)] = Field(
+        description="a prompt, or a list of 1 to 100 (one choice each)"
+    )
     echo: bool | None = False
     suffix: str | None = None
 
@@ -371,6 +376,9 @@ def _include_usage(body: _Options) -> bool:
 async def chat_completions(body: ChatCompletionRequest, request: Request, engine: EngineDep, _who: Reader) -> Any:
     """Answer the messages (in the model's chat template; routed by the last user message)."""
     model = _model(request, body.model)
+    limit = request.app.state.settings.max_new_tokens_limit
+    if body.max_completion_tokens and body.max_completion_tokens > limit:
+        raise UnsupportedOptionError("max_completion_tokens", f"max_completion_tokens must be <= {limit}")
     if body.max_completion_tokens and not body.max_tokens:
         body.max_tokens = body.max_completion_tokens
     options = body.checked(request.app.state.settings, DEFAULT_CHAT_MAX_TOKENS)

@@ -13,7 +13,9 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BeforeValidator
 from sqlalchemy.exc import IntegrityError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from horen_core.errors import InvalidInputError
 from service.api.errors import KeyNameTakenError, KeyNotFoundError, error_responses
@@ -40,11 +42,21 @@ from service.engine import DB_ERRORS, EditNotFoundError, Engine, NotReadyError
 from service.replication import edit_to_dict
 from service.settings import Settings
 
-# what every route that needs a key may answer besides its own errors (413, 429: the middleware)
-AUTHED = (401, 403, 413, 422, 429, 503)
+# what every route that needs a key may answer besides its own errors (400: a body that is not
+# JSON; 413, 429: the limits middleware)
+AUTHED = (400, 401, 403, 413, 422, 429, 503)
 router = APIRouter(responses=error_responses(*AUTHED))
 ops = APIRouter(tags=["ops"])
 
+
+def _iso_only(v: Any) -> Any:
+    # pydantic also reads a number as Unix time; the schema says ISO 8601 date-time, so only that is accepted
+    if isinstance(v, str) and "T" not in v.upper():
+        raise ValueError("must be an ISO 8601 date-time, e.g. 2026-01-31T12:00:00Z")
+    return v
+
+
+IsoTime = Annotated[datetime, BeforeValidator(_iso_only)]
 EditId = Annotated[int, Path(ge=1, le=MAX_ID, description="an edit's id")]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
@@ -192,6 +204,12 @@ def list_edits(
         return {"items": [edit_to_dict(e) for e in items], "total": total}
 
 
+@router.api_route("/edits/batch", methods=["GET", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+def edits_batch_other_methods() -> None:
+    """Keeps ``/edits/batch`` from being read as ``/edits/{edit_id}`` by methods it does not have."""
+    raise StarletteHTTPException(405)
+
+
 @router.get("/edits/{edit_id}", response_model=EditOut, tags=["edits"], responses=error_responses(404))
 def get_edit(edit_id: EditId, engine: EngineDep, _who: Reader) -> dict:
     require_ready(engine)
@@ -238,8 +256,8 @@ def audit(
     _who: Admin,
     actor: Annotated[str | None, Query(max_length=255, pattern=NO_NUL, description="the API key's name")] = None,
     kind: Annotated[Literal["edit", "rollback"] | None, Query()] = None,
-    since: Annotated[datetime | None, Query(description="from this time on (ISO 8601, inclusive)")] = None,
-    until: Annotated[datetime | None, Query(description="before this time (ISO 8601, exclusive)")] = None,
+    since: Annotated[IsoTime | None, Query(description="from this time on (ISO 8601, inclusive)")] = None,
+    until: Annotated[IsoTime | None, Query(description="before this time (ISO 8601, exclusive)")] = None,
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> dict:

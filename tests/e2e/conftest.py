@@ -135,7 +135,7 @@ TINY_HOREN = '{"layer": 1, "max_steps": 60, "lr": 0.5, "stop_loss": 1.0}'
 def e2e_tiny_model_dir(tmp_path_factory) -> Path:
     from tests.service.conftest import build_tiny_model_dir
 
-    return build_tiny_model_dir(tmp_path_factory.mktemp("e2e-tiny"), max_positions=256)
+    return build_tiny_model_dir(tmp_path_factory.mktemp("e2e-tiny"), max_positions=256, chat=True)
 
 
 @pytest.fixture()
