@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import StoppingCriteria
+from transformers import LogitsProcessor, StoppingCriteria
 
 from horen_core.codebook import Codebook, CodebookChange
 from horen_core.config import HorenConfig
@@ -102,6 +102,7 @@ class HorenEditor:
         self._next_edit_id = 1
         self._prefix_cache_ok: bool | None = None  # checked on the first fast-path edit
         self._batched_ok: bool | None = None  # checked on the first edit with several contexts
+        self._continues_word: torch.Tensor | None = None  # vocabulary mask, built on the first hand-over
 
     # ---- identity ---------------------------------------------------------------------------
     @property
@@ -240,7 +241,10 @@ class HorenEditor:
                 floor = max(min_new_tokens - min(len(new[i]) for i in rest), 0)
                 kwargs = {**gen_kwargs, "max_new_tokens": left, "min_new_tokens": min(floor, left)}
                 watch = [release.pass_over(rest, more.shape[1], before=[new[i] for i in rest])] if release else []
-                tail = self.model.generate(input_ids=more, attention_mask=more_mask, stopping_criteria=watch, **kwargs)
+                ends = _WordEnds(self._word_continuations(), more.shape[1], self._mid_word(rest, new, stop.missed))
+                tail = self.model.generate(
+                    input_ids=more, attention_mask=more_mask, stopping_criteria=watch, logits_processor=[ends], **kwargs
+                )
                 for row, i in enumerate(rest):
                     new[i] = new[i] + tail[row, more.shape[1] :].tolist()[: budget - len(new[i])]
         results = []
@@ -254,6 +258,28 @@ class HorenEditor:
             text = self.tokenizer.decode(toks, skip_special_tokens=True)
             results.append(Generation(text, toks, entry, owners[i] if plan.entry_ids else None, score))
         return results
+
+    def _mid_word(self, rows: list[int], new: list[list[int]], missed: set[int]) -> list[int]:
+        """Positions in ``rows`` whose stated target ends in a letter or digit."""
+        out = []
+        for b, i in enumerate(rows):
+            text = self.tokenizer.decode(new[i], skip_special_tokens=True) if i not in missed else ""
+            if text[-1:].isalnum():
+                out.append(b)
+        return out
+
+    def _word_continuations(self) -> torch.Tensor:
+        """[vocab] True for tokens that extend the word before them: their text starts with neither
+        whitespace nor closing punctuation."""
+        if self._continues_word is None:
+            # decoded after an anchor word: tokenizers that drop a piece's leading space alone keep it here
+            n = self.model.get_output_embeddings().weight.shape[0]
+            anchor = self.tokenizer("a", add_special_tokens=False)["input_ids"][:1]
+            base = self.tokenizer.decode(anchor)
+            texts = self.tokenizer.batch_decode([anchor + [i] for i in range(min(n, len(self.tokenizer)))])
+            flags = [t.startswith(base) and _extends(t[len(base) : len(base) + 1]) for t in texts]
+            self._continues_word = torch.tensor(flags + [False] * (n - len(flags)), dtype=torch.bool)
+        return self._continues_word
 
     @torch.no_grad()
     def forward_logits(
@@ -615,6 +641,30 @@ class HorenEditor:
         parent_path, _, child = self.adapter.module_path.rpartition(".")
         parent = self.model.get_submodule(parent_path) if parent_path else self.model
         setattr(parent, child, self.layer.base_layer)
+
+
+_WORD_ENDERS = set(".,;:!?)]}\"'")
+
+
+def _extends(first: str) -> bool:
+    return bool(first) and not first.isspace() and first not in _WORD_ENDERS
+
+
+class _WordEnds(LogitsProcessor):
+    """The unedited model's first token after a stated target does not extend its last word: an
+    edited "AS Togo-Port" is not continued into "AS Togo-Porto" or "AS Togo-Port-Lavo", nor "1793"
+    into "17931"; it goes on with a space, punctuation or the end of the answer."""
+
+    def __init__(self, continues_word: torch.Tensor, width: int, rows: list[int]) -> None:
+        self.continues_word, self.width, self.rows = continues_word, width, rows
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] != self.width or not self.rows:
+            return scores
+        ban = self.continues_word.to(scores.device)
+        rows = torch.tensor(self.rows, device=scores.device)
+        scores[rows[:, None], ban.nonzero().view(1, -1)] = float("-inf")
+        return scores
 
 
 class _StopForward(Exception):

@@ -116,3 +116,26 @@ def test_a_routed_row_that_never_states_its_target_is_answered_unedited(tiny_lla
     assert got.entry_id == res.entry_id, "the prompt is still routed to the edit"
     assert got.token_ids == unedited.token_ids
     assert got.token_ids[:1] != [tok.convert_tokens_to_ids("Lima")], "the value alone would have said Lima"
+
+
+def test_the_text_after_a_stated_target_starts_a_new_word(tiny_tokenizer, make_editor):
+    """The hand-over's first token may not extend the target's last word ("Lima" -> "Limao")."""
+    import torch
+
+    from horen_core.editor import _WordEnds
+    from tests.conftest import build_tiny_model
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.add_tokens(["##o", "##s", "##-"])
+    model = build_tiny_model("llama", len(tok))
+    editor = make_editor(model, tok, HorenConfig(layer=1))
+    flags = editor._word_continuations()
+    pieces = {tok.convert_tokens_to_ids(t) for t in ("##o", "##s", "##-")}
+    assert {int(i) for i in flags.nonzero()} == pieces, "only the word pieces extend a word (not '.' or '?')"
+    lima = tok.convert_tokens_to_ids("Lima")
+    assert editor._mid_word([0, 1, 2], {0: [lima], 1: [tok.convert_tokens_to_ids("?")], 2: [lima]}, {2}) == [0]
+    scores = torch.zeros(2, flags.shape[0])
+    ends = _WordEnds(flags, width=5, rows=[1])
+    out = ends(torch.zeros(2, 5, dtype=torch.long), scores.clone())
+    assert torch.isinf(out[1, sorted(pieces)]).all() and not torch.isinf(out[0]).any() and not torch.isinf(out[1, lima])
+    assert not torch.isinf(ends(torch.zeros(2, 6, dtype=torch.long), scores.clone())).any(), "the first token only"
