@@ -237,7 +237,7 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, _
     )
     engine.metrics.generates.inc()
     out = {"text": res.text, "edit_id": res.edit_id}
-    if res.score is not None:  # answered with edits: say how close routing came
+    if res.score is not None and res.edit_id is not None:  # routed: say how close it came to the threshold
         out.update(score=res.score, threshold=res.threshold)
     return out
 

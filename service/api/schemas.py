@@ -123,10 +123,10 @@ class GenerateOut(BaseModel):
     edit_id: int | None = Field(description="the edit whose codebook entry routed this prompt, or null")
     score: float | None = Field(
         default=None,
-        description="cosine of the prompt's query with its best key (0 with no keys); left out when edits is false",
+        description="the routing cosine of the edit that routed this prompt; left out when none did or edits is false",
     )
     threshold: float | None = Field(
-        default=None, description="the cosine a key must reach to route the prompt; left out when edits is false"
+        default=None, description="the cosine a key must reach to route the prompt; present with score"
     )
 
 

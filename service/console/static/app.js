@@ -173,12 +173,9 @@ async function refreshAllEdits() {
 // ---- try it ------------------------------------------------------------------------------
 
 function routingText(g) {
-  if (!g || g.score == null) return "";
-  const score = g.score.toFixed(3);
-  const threshold = g.threshold.toFixed(3);
-  return g.edit_id != null
-    ? `Routed by edit #${g.edit_id}: score ${score} ≥ threshold ${threshold}`
-    : `Not routed: best score ${score} < threshold ${threshold}`;
+  if (!g) return "";
+  if (g.edit_id == null || g.score == null) return "Not routed: no edit's key is within the threshold";
+  return `Routed by edit #${g.edit_id}: score ${g.score.toFixed(3)} ≥ threshold ${g.threshold.toFixed(3)}`;
 }
 
 async function tryIt() {
