@@ -65,7 +65,7 @@ def check_whole_in_database(db_url: str) -> None:
         half = conn.execute(
             text(
                 "SELECT e.id FROM edits e LEFT JOIN events ev ON ev.edit_id = e.id AND ev.kind = 'edit' "
-                "LEFT JOIN entries n ON n.codebook_id = e.codebook_id AND n.entry_id = e.entry_id "
+                "LEFT JOIN codebook_entries n ON n.codebook_id = e.codebook_id AND n.entry_id = e.entry_id "
                 "WHERE ev.id IS NULL OR n.entry_id IS NULL OR length(e.key) != :k OR length(e.value) != :v"
             ),
             {"k": 4 * dims[0], "v": 4 * dims[1]},
