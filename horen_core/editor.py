@@ -11,6 +11,7 @@ the question's last token, and projects to logits only at the target positions.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +30,7 @@ from horen_core.layer import HorenLayer, InjectPlan, RoutePlan, activate, comput
 from horen_core.modeling import ModelAdapter, model_fingerprint, module_dims
 from horen_core.prompting import ChatFormat, Rendered, resolve_question
 from horen_core.retrieval import HopfieldRetriever
+from horen_core.subjects import mentions, resolve_subject
 
 CandidateProvider = Callable[[torch.Tensor], torch.Tensor | None]
 # called by generate per row and step with the row's newly final tokens; False stops the row
@@ -48,6 +50,7 @@ class EditResult:
     key: torch.Tensor  # this edit's query (unit), on cpu
     value: torch.Tensor  # the trained value, on cpu
     answer: tuple[int, ...]
+    subject: str = ""  # the name a prompt must mention to be routed to this edit ("" = any prompt)
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class HorenEditor:
             support=self.config.hopfield_support,
         )
         self.candidate_provider: CandidateProvider | None = None
+        self.subjects: dict[int, str] = {}  # edit id -> its subject; an entry is gated by its owner edit's
         self.fingerprint = model_fingerprint(model)
         self.max_context = int(
             getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
@@ -144,7 +148,11 @@ class HorenEditor:
         return list(ids)
 
     # ---- routing ----------------------------------------------------------------------------
-    def _router(self, queries: torch.Tensor) -> tuple[torch.Tensor, list[int | None], torch.Tensor]:
+    def _router(
+        self, queries: torch.Tensor, texts: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, list[int | None], torch.Tensor]:
+        """Route unit queries; with ``texts`` (each row's question), a row whose best entry's subject
+        it does not mention is not routed."""
         cb = self.codebook
         keys = cb.keys
         candidates = self.candidate_provider(queries) if (self.candidate_provider and len(cb)) else None
@@ -155,10 +163,26 @@ class HorenEditor:
         if hit.any():
             values[hit] = cb.values[rows[hit]]
         entry_ids = [cb.entry_id_at(int(r)) if r >= 0 else None for r in rows.tolist()]
+        if texts is not None:
+            for i, e in enumerate(entry_ids):
+                if e is not None and not mentions(self.subjects.get(cb.owner_edit(e), ""), texts[i]):
+                    entry_ids[i] = None
+                    values[i] = 0
         return values, entry_ids, routing.scores
 
-    def _route_plan(self, prompt_mask: torch.Tensor) -> RoutePlan:
-        return RoutePlan(self.layer, prompt_mask, self._router, self.config.query_strategy, self.config.query_fraction)
+    def _route_plan(self, prompt_mask: torch.Tensor, texts: Sequence[str] | None = None) -> RoutePlan:
+        def router(queries: torch.Tensor):
+            return self._router(queries, texts)
+
+        return RoutePlan(self.layer, prompt_mask, router, self.config.query_strategy, self.config.query_fraction)
+
+    def _question_texts(self, seqs: Sequence[Sequence[int]], lengths: Sequence[int]) -> list[str]:
+        """Each row's question (the span ``self.chat`` finds in its first ``lengths[i]`` tokens) as text."""
+        out = []
+        for s, n in zip(seqs, lengths):
+            a, b = self.chat.span(s[:n])
+            out.append(self.tokenizer.decode(list(s[a:b]), skip_special_tokens=True))
+        return out
 
     def _question_mask(self, seqs: Sequence[Sequence[int]], lengths: Sequence[int], width: int) -> torch.Tensor:
         """[B, width] 1 at each left-padded row's question tokens: the span ``self.chat`` finds in
@@ -220,7 +244,10 @@ class HorenEditor:
         eos = self.tokenizer.eos_token_id
         release = _Release(stream, len(seqs), eos, budget) if stream is not None else None
         with self.lock:
-            plan = self._route_plan(self._question_mask(seqs, [len(q) for q in seqs], ids.shape[1]))
+            lengths = [len(q) for q in seqs]
+            plan = self._route_plan(
+                self._question_mask(seqs, lengths, ids.shape[1]), self._question_texts(seqs, lengths)
+            )
             stop = _TargetStated(self, plan, ids.shape[1])
             kwargs = {**gen_kwargs, "max_new_tokens": budget, "min_new_tokens": min(min_new_tokens, budget)}
             rows = list(range(len(seqs)))
@@ -297,7 +324,7 @@ class HorenEditor:
         if keep_last:
             kwargs["logits_to_keep"] = keep_last
         with self.lock:
-            plan = self._route_plan(prompt_mask)
+            plan = self._route_plan(prompt_mask, self._question_texts(seqs, prompt_lengths))
             with activate(None if _UNEDITED.get() else plan):
                 logits = self.model(**kwargs).logits
         return logits, mask, plan.entry_ids or [None] * len(seqs)
@@ -309,7 +336,10 @@ class HorenEditor:
         ids, mask = self._pad_left(seqs)
         kwargs = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False}
         with self.lock:
-            plan = self._route_plan(self._question_mask(seqs, [len(q) for q in seqs], ids.shape[1]))
+            lengths = [len(q) for q in seqs]
+            plan = self._route_plan(
+                self._question_mask(seqs, lengths, ids.shape[1]), self._question_texts(seqs, lengths)
+            )
             with activate(None if _UNEDITED.get() else plan):
                 out = self.model.generate(
                     input_ids=ids, attention_mask=mask, pad_token_id=self.tokenizer.pad_token_id, **kwargs
@@ -331,7 +361,13 @@ class HorenEditor:
 
     # ---- editing ----------------------------------------------------------------------------
     def edit(
-        self, prompt: str, target: str, edit_id: int | None = None, apply: bool = True, fmt: str = "auto"
+        self,
+        prompt: str,
+        target: str,
+        edit_id: int | None = None,
+        apply: bool = True,
+        fmt: str = "auto",
+        subject: str | None = None,
     ) -> EditResult:
         """Insert prompt -> target: reuse the key the prompt matches when its answer is the same,
         otherwise add a key; train the value until greedy decoding reproduces the target.
@@ -341,12 +377,16 @@ class HorenEditor:
         question is trained in every context the model has (plain, and its chat template when the
         tokenizer has one) and the key is the unit mean of its queries in those contexts.
 
+        ``subject`` is the name a prompt must mention to be routed to this edit (``horen_core.subjects``);
+        None infers it from the question, "" applies the edit wherever its key routes.
+
         With ``apply=False`` the codebook is left unchanged (``entry_id`` is the reused entry or
         None for a new one); the caller persists the result first and then calls ``apply_version``.
         """
         t0 = time.perf_counter()
         question, _ = resolve_question(self.chat, prompt, fmt)
         contexts = self._contexts(question, target)
+        subject = resolve_subject(question, subject)
         target_ids = contexts[0].target
         with self.lock:
             if edit_id is None:
@@ -358,7 +398,7 @@ class HorenEditor:
             for ctx in contexts:
                 self._prepare(ctx)
             query = F.normalize(torch.stack([c.query for c in contexts]).mean(0), dim=-1)
-            _, entry_ids, _ = self._router(query[None])
+            _, entry_ids, _ = self._router(query[None], [question])
             reuse = entry_ids[0]
             if reuse is not None and self.codebook.entry(reuse).answer != tuple(target_ids):
                 reuse = None  # a conflicting edit gets its own key
@@ -370,6 +410,7 @@ class HorenEditor:
                     entry_id = self.codebook.add(edit_id, query, value, target_ids).entry_id
                 else:
                     self.codebook.retrain(edit_id, reuse, query, value)
+                self.subjects[edit_id] = subject
         return EditResult(
             edit_id=edit_id,
             entry_id=entry_id,
@@ -380,6 +421,7 @@ class HorenEditor:
             key=query.detach().cpu(),
             value=value.detach().cpu(),
             answer=tuple(target_ids),
+            subject=subject,
         )
 
     def _contexts(self, question: str, target: str) -> list[_Context]:
@@ -566,14 +608,23 @@ class HorenEditor:
     # ---- rollback & state -------------------------------------------------------------------
     def rollback(self, edit_id: int) -> CodebookChange:
         with self.lock:
-            return self.codebook.rollback(edit_id)
+            change = self.codebook.rollback(edit_id)
+            self.subjects.pop(edit_id, None)
+            return change
 
     def apply_version(
-        self, edit_id: int, entry_id: int, key: torch.Tensor, value: torch.Tensor, answer: Sequence[int]
+        self,
+        edit_id: int,
+        entry_id: int,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        answer: Sequence[int],
+        subject: str = "",
     ) -> CodebookChange:
         """Mirror an edit trained elsewhere (a log replay or another replica) without retraining."""
         with self.lock:
             self._next_edit_id = max(self._next_edit_id, edit_id + 1)
+            self.subjects[edit_id] = subject
             if not self.codebook.has_entry(entry_id):
                 return self.codebook.add(edit_id, key, value, answer, entry_id=entry_id)
             if self.codebook.entry(entry_id).answer != tuple(answer):
@@ -587,10 +638,13 @@ class HorenEditor:
         keys: torch.Tensor,
         values: torch.Tensor,
         answers: Sequence[Sequence[int]],
+        subjects: Sequence[str] | None = None,
     ) -> list[CodebookChange]:
         """``apply_version`` of many edits, in order (a log replay): each run of edits that create
         entries goes into the codebook at once (``Codebook.add_many``), retrains one by one."""
         with self.lock:
+            if subjects is not None:
+                self.subjects.update(zip(edit_ids, subjects))
             changes: list[CodebookChange] = []
             run: list[int] = []  # positions of consecutive edits creating entries, not yet added
             created: set[int] = set()
@@ -613,7 +667,8 @@ class HorenEditor:
             for i, entry_id in enumerate(entry_ids):
                 if entry_id in created or self.codebook.has_entry(entry_id):
                     flush()
-                    changes.append(self.apply_version(edit_ids[i], entry_id, keys[i], values[i], answers[i]))
+                    subject = self.subjects.get(edit_ids[i], "")
+                    changes.append(self.apply_version(edit_ids[i], entry_id, keys[i], values[i], answers[i], subject))
                 else:
                     run.append(i)
                     created.add(entry_id)
@@ -622,7 +677,9 @@ class HorenEditor:
 
     def save(self, path) -> None:
         with self.lock:
-            self.codebook.save(path, metadata={**self.identity, "config": _json(self.config.to_dict())})
+            live = {str(e): self.subjects[e] for e in self.codebook.edit_ids() if self.subjects.get(e)}
+            meta = {**self.identity, "config": _json(self.config.to_dict()), "subjects": _json(live)}
+            self.codebook.save(path, metadata=meta)
 
     def load(self, path) -> None:
         try:
@@ -634,6 +691,7 @@ class HorenEditor:
                 raise CorruptStateError(f"codebook belongs to another {k}: {meta.get(k)!r} != {v!r}")
         with self.lock:
             self.codebook.load(path)
+            self.subjects = {int(k): v for k, v in json.loads(meta.get("subjects", "{}")).items()}
             self._next_edit_id = max(self.codebook.edit_ids(), default=0) + 1
 
     def unwrap(self) -> None:
@@ -795,6 +853,4 @@ class _Context:
 
 
 def _json(d: dict) -> str:
-    import json
-
     return json.dumps(d, sort_keys=True)

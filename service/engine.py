@@ -444,6 +444,7 @@ class Engine:
                 repo.bytes_to_matrix([r.key for r in rows], dk),
                 repo.bytes_to_matrix([r.value for r in rows], dv),
                 [r.answer_ids for r in rows],
+                [r.subject or "" for r in rows],
             )
 
     def _sync(self) -> int:
@@ -534,25 +535,41 @@ class Engine:
 
     # ---- handlers ----------------------------------------------------------------------------
     def _do_edit(
-        self, prompt: str, target: str, metadata: dict | None = None, format: str = "auto", by: str | None = None
+        self,
+        prompt: str,
+        target: str,
+        metadata: dict | None = None,
+        format: str = "auto",
+        by: str | None = None,
+        subject: str | None = None,
     ) -> Any:
         self._check_edit(prompt, target, format)
-        return self._edit_one(prompt, target, metadata or {}, format, by)
+        return self._edit_one(prompt, target, metadata or {}, format, by, subject)
 
     def _do_edits(self, edits: list[dict], by: str | None = None) -> list[Any]:
         for e in edits:  # validate all before storing any
             self._check_edit(e["prompt"], e["target"], e.get("format", "auto"))
         return [
-            self._edit_one(e["prompt"], e["target"], e.get("metadata") or {}, e.get("format", "auto"), by)
+            self._edit_one(
+                e["prompt"], e["target"], e.get("metadata") or {}, e.get("format", "auto"), by, e.get("subject")
+            )
             for e in edits
         ]
 
-    def _edit_one(self, prompt: str, target: str, metadata: dict, format: str = "auto", by: str | None = None) -> Any:
+    def _edit_one(
+        self,
+        prompt: str,
+        target: str,
+        metadata: dict,
+        format: str = "auto",
+        by: str | None = None,
+        subject: str | None = None,
+    ) -> Any:
         editor = self.editor
         t0 = time.perf_counter()
         for _attempt in range(self.settings.conflict_retries + 1):
             self._sync()
-            res = editor.edit(prompt, target, edit_id=0, apply=False, fmt=format)
+            res = editor.edit(prompt, target, edit_id=0, apply=False, fmt=format, subject=subject)
             expected = None
             if res.entry_id is not None:
                 with self.sessions() as session:
@@ -577,6 +594,7 @@ class Engine:
                         value=repo.tensor_to_bytes(res.value),
                         expected_entry_version=expected,
                         created_by=by,
+                        subject=res.subject,
                     )
                     session.flush()
                     event_id = repo.last_event_id(session, self.codebook_id)
@@ -584,7 +602,7 @@ class Engine:
                     out = edit_to_dict(row)
             except repo.EntryConflict:
                 continue  # catch up with what the other replica did, then train again
-            editor.apply_version(out["id"], out["entry_id"], res.key, res.value, res.answer)
+            editor.apply_version(out["id"], out["entry_id"], res.key, res.value, res.answer, res.subject)
             self._advance(event_id, "edit", out["id"])
             self._after_change()
             self.metrics.edits.inc()

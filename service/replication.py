@@ -43,6 +43,7 @@ def edit_to_dict(e: Any) -> dict[str, Any]:
         "rolled_back_at": e.rolled_back_at,
         "rolled_back_by": e.rolled_back_by,
         "created_by": e.created_by,
+        "subject": e.subject or "",
         "entry_id": e.entry_id,
         "new_key": bool(e.created_entry),
         "steps": e.steps,

@@ -170,6 +170,7 @@ async def create_edit(body: EditCreate, request: Request, engine: EngineDep, who
         metadata=body.metadata,
         format=body.format,
         by=who.name,
+        subject=body.subject,
     )
 
 

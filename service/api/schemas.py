@@ -56,6 +56,15 @@ class EditCreate(_Strict):
         "model's chat template), or auto (chat when it is in the template). Every edit is trained to answer "
         "in both formats.",
     )
+    subject: str | None = Field(
+        default=None,
+        max_length=500,
+        pattern=r"^[^\x00]*$",
+        examples=["Atlantis"],
+        description="the name a prompt must mention (case-insensitively) to get this edit, so that questions "
+        "about other entities are answered unedited. Omitted: inferred from the prompt (its longest run of "
+        'capitalised words; none found means no restriction). "": no restriction.',
+    )
 
     _check = field_validator("prompt", "target")(valid_unicode)
 
@@ -74,6 +83,7 @@ class EditOut(BaseModel):
     rolled_back_at: datetime | None = None
     rolled_back_by: str | None = None
     created_by: str | None = Field(default=None, description="name of the API key that made it; null when open")
+    subject: str = Field(default="", description="the name a prompt must mention to get this edit; empty: any prompt")
     entry_id: int = Field(description="codebook entry this edit created or retrained")
     new_key: bool = Field(description="true if the edit added a key; false if it retrained a matching key")
     steps: int = Field(description="optimiser steps used to train the value")

@@ -105,6 +105,8 @@ class Edit(Base):
     rolled_back_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     rolled_back_by: Mapped[str | None] = mapped_column(String(255))
     created_by: Mapped[str | None] = mapped_column(String(255))  # the API key's name; None when open
+    # the name a prompt must mention to be routed to this edit; "" or None (edits older than it) = any
+    subject: Mapped[str | None] = mapped_column(Text)
     entry_id: Mapped[int] = mapped_column(Integer)  # a created entry's id is the creating edit's id
     created_entry: Mapped[bool]
     steps: Mapped[int] = mapped_column(Integer)

@@ -118,6 +118,7 @@ def insert_edit(
     value: bytes,
     expected_entry_version: int | None,
     created_by: str | None = None,
+    subject: str = "",
 ) -> Edit:
     """Store one edit, create or bump its entry, and append an "edit" event; ``created_by`` (the
     API key's name) is the edit's and the event's actor.
@@ -159,6 +160,7 @@ def insert_edit(
         key=bytes(key),
         value=bytes(value),
         created_by=created_by,
+        subject=subject,
     )
     session.add(edit)
     session.flush()
@@ -244,10 +246,10 @@ def count_active_edits(session: Session, codebook_id: int) -> int:
 
 def active_edit_vectors(session: Session, codebook_id: int, chunk: int = 4096) -> Iterator[Sequence[Row]]:
     """What replaying the active edits needs (``id``, ``entry_id``, ``answer_ids``, ``key``,
-    ``value``), in id order, ``chunk`` rows at a time: plain rows, no ORM objects, so that a replay
+    ``value``, ``subject``), in id order, ``chunk`` rows at a time: plain rows, no ORM objects, so that a replay
     of many edits neither builds nor holds them all."""
     stmt = (
-        select(Edit.id, Edit.entry_id, Edit.answer_ids, Edit.key, Edit.value)
+        select(Edit.id, Edit.entry_id, Edit.answer_ids, Edit.key, Edit.value, Edit.subject)
         .where(*_active_in(codebook_id))
         .order_by(Edit.id)
         .execution_options(yield_per=chunk)

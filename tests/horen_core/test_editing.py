@@ -122,7 +122,7 @@ def test_apply_version_mirrors_edit_exactly(arch, tiny_factory, tiny_tokenizer, 
         assert (rb.edit_id, rb.created, rb.answer, rb.steps) == (ra.edit_id, ra.created, ra.answer, ra.steps)
         assert torch.equal(ra.value, rb.value) and torch.equal(ra.key, rb.key)
         assert rb.entry_id == (None if rb.created else ra.entry_id)
-        change = b.apply_version(rb.edit_id, ra.entry_id, rb.key, rb.value, rb.answer)
+        change = b.apply_version(rb.edit_id, ra.entry_id, rb.key, rb.value, rb.answer, rb.subject)
         assert change.entry_id == ra.entry_id
         assert change.kind == ("created" if ra.created else "retrained")
         sa, sb = a.codebook.state_dict(), b.codebook.state_dict()

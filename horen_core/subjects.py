@@ -1,0 +1,73 @@
+"""An edit's subject: the name its prompt is about. A routed prompt gets an edit's value only when
+it mentions that edit's subject, so a question about another entity whose key happens to be close
+(CounterFact's neighbourhood prompts: "BBC Radio, by" after editing "BBC One, by") is answered by
+the unedited model.
+
+A subject given with the edit is used as it is; otherwise it is inferred from the question: its
+longest run of capitalised words or numbers (linking words such as "of" or "de" inside a run),
+without a leading question word and without a trailing possessive. A question with no such run
+has no subject and its edit applies wherever its key routes.
+"""
+
+from __future__ import annotations
+
+import re
+
+_WORD = re.compile(r"\w[\w'’.\-]*")
+# words that open a sentence with a capital without naming anything
+_OPENERS = frozenset(
+    "what when who whom whose where which how why the a an in on is was were are did does do tell name "
+    "please of to for by at from and with as it this that i my".split()
+)
+# lowercase words that may sit inside a name ("Bank of America", "Leonardo da Vinci")
+_LINKS = frozenset(
+    "of the de del della di da do dos das du des la le les von van der den and & y al el bin ibn".split()
+)
+
+
+def infer_subject(question: str) -> str | None:
+    """The question's longest run of capitalised words (see the module docstring), or None."""
+    words = [(m.group(), m.start(), m.end()) for m in _WORD.finditer(question)]
+    runs: list[list[int]] = []
+    run: list[int] = []
+    for i, (word, start, _) in enumerate(words):
+        if run and question[words[i - 1][2] : start].strip():  # punctuation between two words ends a run
+            runs.append(run)
+            run = []
+        named = word[0].isupper() or word[0].isdigit()
+        if named and (run or word.lower() not in _OPENERS):
+            run.append(i)
+        elif run and word.lower() in _LINKS:
+            run.append(i)
+        else:
+            if run:
+                runs.append(run)
+            run = []
+    if run:
+        runs.append(run)
+    best = None
+    for run in runs:
+        while run and words[run[-1]][0].lower() in _LINKS:
+            run = run[:-1]
+        if run:
+            text = re.sub(r"['’]s?$", "", question[words[run[0]][1] : words[run[-1]][2]].rstrip("."))
+            if text and (best is None or len(text) > len(best)):
+                best = text
+    return best
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def mentions(subject: str, text: str) -> bool:
+    """Whether ``text`` mentions ``subject`` (case and runs of whitespace ignored); an empty subject
+    is mentioned everywhere."""
+    return not subject or normalise(subject) in normalise(text)
+
+
+def resolve_subject(question: str, subject: str | None) -> str:
+    """The subject an edit is stored with: the given one (stripped; "" means none), else inferred."""
+    if subject is not None:
+        return subject.strip()
+    return infer_subject(question) or ""

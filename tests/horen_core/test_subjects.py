@@ -1,0 +1,64 @@
+"""Subjects: what is inferred from a question, and that routing needs the prompt to mention it."""
+
+from __future__ import annotations
+
+import pytest
+
+from horen_core import HorenConfig
+from horen_core.subjects import infer_subject, mentions, resolve_subject
+
+
+@pytest.mark.parametrize(
+    "question, subject",
+    [
+        ("What voice type is Lola Beeth?", "Lola Beeth"),
+        ("When was the inception of IAAF Combined Events Challenge?", "IAAF Combined Events Challenge"),
+        ("The name of the country of citizenship of Ingrīda Amantova is", "Ingrīda Amantova"),
+        ("BBC One, by", "BBC One"),
+        ("Luana Walters's profession is an", "Luana Walters"),
+        ("Where is Northern Suburbs Rugby Club? It is located in", "Northern Suburbs Rugby Club"),
+        ("Who taught Leonardo da Vinci to paint?", "Leonardo da Vinci"),
+        ("what is the boiling point of water?", None),
+        ("When did it happen?", None),
+    ],
+)
+def test_infer_subject(question, subject):
+    assert infer_subject(question) == subject
+
+
+def test_mentions_ignores_case_and_spacing_and_empty_means_any():
+    assert mentions("Lola Beeth", "where was lola   beeth born?")
+    assert not mentions("Lola Beeth", "Where was Lola Beet born?")
+    assert mentions("", "anything")
+    assert resolve_subject("What voice type is Lola Beeth?", None) == "Lola Beeth"
+    assert resolve_subject("What voice type is Lola Beeth?", "  Beeth ") == "Beeth"
+    assert resolve_subject("what is it?", None) == ""
+
+
+CFG = HorenConfig(layer=1, max_steps=40, lr=0.5, stop_loss=1.0, chat_context=False)
+
+
+def test_a_prompt_that_does_not_mention_the_subject_is_not_routed(tiny_factory, tiny_tokenizer, make_editor):
+    editor = make_editor(tiny_factory("llama"), tiny_tokenizer, CFG)
+    prompt = "the capital of France is"
+    unedited = editor.generate([prompt], max_new_tokens=4)[0]
+    gated = editor.edit(prompt, "Rome", subject="Spain")
+    assert gated.subject == "Spain"
+    assert editor.generate([prompt], max_new_tokens=4)[0].entry_id is None  # the key matches, the name does not
+    assert editor.generate([prompt], max_new_tokens=4)[0].text == unedited.text
+    editor.rollback(gated.edit_id)
+    inferred = editor.edit(prompt, "Rome")
+    assert inferred.subject == "France"
+    routed = editor.generate([prompt], max_new_tokens=4)[0]
+    assert routed.edit_id == inferred.edit_id and routed.text.strip().startswith("Rome")
+
+
+def test_subjects_survive_save_and_load(tmp_path, tiny_factory, tiny_tokenizer, make_editor):
+    model = tiny_factory("llama")
+    a = make_editor(model, tiny_tokenizer, CFG)
+    a.edit("the capital of France is", "Rome", subject="Spain")
+    a.save(tmp_path / "cb.safetensors")
+    b = make_editor(tiny_factory("llama"), tiny_tokenizer, CFG)
+    b.load(tmp_path / "cb.safetensors")
+    assert b.subjects == a.subjects == {1: "Spain"}
+    assert b.generate(["the capital of France is"], max_new_tokens=4)[0].entry_id is None
