@@ -3,7 +3,7 @@
 Keys come from the settings (``HOREN_API_KEYS``; ``HOREN_ADMIN_TOKEN`` is the admin key named
 ``admin``) and from the ``api_keys`` table (made through the admin routes, stored by sha256 only).
 Roles are ordered: ``read`` (generate, chat, completions, models, listing edits) < ``edit`` (also
-making edits) < ``admin`` (also rollback, audit, key management).
+making edits) < ``admin`` (also rollback, audit, key management, codebook export and import).
 
 With no API keys at all (the admin token alone does not count) the service keeps its old, open
 behaviour: anyone may read and, on a loopback host only, edit; a valid key presented anyway is

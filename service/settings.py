@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(default=512, ge=1)
     # largest request body in bytes (413 above): a 100-edit batch of long prompts fits
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    # largest POST /admin/import-codebook body in bytes (413 above); streamed to a temporary file in
+    # data_dir, not held in memory: 50,000 SmolLM2 edits are about 0.45 GB
+    max_import_bytes: int = Field(default=2 * 1024**3, ge=1024)
     # longest prompt in tokens, of an edit or a generation (422 above; the model's context also bounds it)
     max_prompt_tokens: int = Field(default=2048, ge=1)
     # longest edit target in tokens (422 above): a fact, not an essay

@@ -21,6 +21,7 @@ from starlette.routing import Match
 from horen_core.errors import CorruptStateError, InvalidInputError
 from service.auth import AdminDisabledError, EditsDisabledError, ForbiddenError, UnauthorizedError
 from service.engine import EditConflictError, EditNotFoundError, NotReadyError, QueueFullError
+from service.transfer import CodebookNotEmptyError, IdentityMismatchError, MalformedArchiveError
 
 log = logging.getLogger("horen.api")
 
@@ -31,6 +32,10 @@ class KeyNotFoundError(LookupError):
 
 class KeyNameTakenError(Exception):
     """An API key with that name exists already."""
+
+
+class BodyTooLargeError(Exception):
+    """A streamed request body (a codebook import) grew past its limit while it was read."""
 
 
 class ModelNotFoundError(LookupError):
@@ -63,6 +68,10 @@ ERROR_TABLE: list[tuple[type[BaseException], int, str, str | None]] = [
     (QueueFullError, 503, "overloaded", None),
     (NotReadyError, 503, "not_ready", None),
     (EditConflictError, 409, "conflict", None),
+    (IdentityMismatchError, 409, "conflict", None),
+    (CodebookNotEmptyError, 409, "conflict", None),
+    (MalformedArchiveError, 400, "malformed_archive", None),
+    (BodyTooLargeError, 413, "body_too_large", None),
     (CorruptStateError, 500, "corrupt_state", None),
     (sa.IntegrityError, 409, "conflict", "the request conflicts with what is stored"),
     (sa.DataError, 422, "invalid_input", "the database refused a value of this request"),

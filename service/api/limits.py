@@ -2,7 +2,8 @@
 (HOREN_MAX_BODY_BYTES, 413) and the requests one client may have in flight at once
 (HOREN_MAX_CLIENT_CONCURRENCY, 429 with Retry-After). A client is its bearer token (by sha256), or
 its IP address without one. The ops routes (/healthz, /readyz, /metrics) and the docs are exempt,
-so that probes keep answering under load."""
+so that probes keep answering under load. Routes named in ``streamed`` (a codebook import) have a
+limit of their own and get their body as it arrives, counted, instead of buffered in memory."""
 
 from __future__ import annotations
 
@@ -10,16 +11,23 @@ import hashlib
 from collections import defaultdict
 from typing import Any
 
-from service.api.errors import error_response
+from service.api.errors import BodyTooLargeError, error_response
 
 EXEMPT = ("/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json")
 
 
 class LimitsMiddleware:
-    def __init__(self, app: Any, max_body_bytes: int, max_client_concurrency: int) -> None:
+    def __init__(
+        self,
+        app: Any,
+        max_body_bytes: int,
+        max_client_concurrency: int,
+        streamed: dict[str, tuple[int, str]] | None = None,
+    ) -> None:
         self.app = app
         self.max_body = max_body_bytes
         self.max_inflight = max_client_concurrency
+        self.streamed = dict(streamed or {})  # path -> (limit in bytes, the setting that sets it)
         self.inflight: defaultdict[str, int] = defaultdict(int)  # touched only on the event loop thread
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -33,6 +41,9 @@ class LimitsMiddleware:
             return
         self.inflight[client] += 1
         try:
+            if scope["path"] in self.streamed:
+                await self._stream(scope, receive, send, *self.streamed[scope["path"]])
+                return
             body = await self._read_body(scope, receive)
             if body is None:
                 msg = f"the request body is larger than {self.max_body} bytes (HOREN_MAX_BODY_BYTES)"
@@ -43,6 +54,27 @@ class LimitsMiddleware:
             self.inflight[client] -= 1
             if not self.inflight[client]:
                 del self.inflight[client]
+
+    async def _stream(self, scope: dict, receive: Any, send: Any, limit: int, setting: str) -> None:
+        """Pass the body on as it arrives; past ``limit`` (by its Content-Length: before the route
+        runs; as it arrives: raised to the route as `BodyTooLargeError`) it is a 413."""
+        msg = f"the request body is larger than {limit} bytes ({setting})"
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await error_response(scope["path"], 413, "body_too_large", msg)(scope, receive, send)
+            return
+        size = 0
+
+        async def counted() -> dict:
+            nonlocal size
+            message = await receive()
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > limit:
+                    raise BodyTooLargeError(msg)
+            return message
+
+        await self.app(scope, counted, send)
 
     async def _read_body(self, scope: dict, receive: Any) -> bytes | None:
         """The whole body, or None once it is over the limit (by its Content-Length or as it arrives)."""
