@@ -18,7 +18,10 @@ class CorruptStateError(HorenError, ValueError):
 
 
 class UnknownEditError(HorenError, KeyError):
-    """An edit id the codebook does not hold."""
+    """An edit id that is not there: not in the codebook, or (raised by the service) not stored."""
+
+    def __str__(self) -> str:  # KeyError's own would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class UnsupportedModelError(HorenError, ValueError):

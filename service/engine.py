@@ -48,10 +48,6 @@ class NotReadyError(Exception):
     """The model is still loading or the engine has stopped."""
 
 
-class EditNotFoundError(Exception):
-    """No edit with that id in this codebook."""
-
-
 class EditConflictError(Exception):
     """Another replica kept changing the same codebook entry; the edit was not stored."""
 
@@ -617,7 +613,7 @@ class Engine:
             self._apply_events(session)
             edit = repo.get_edit(session, edit_id)
             if edit is None or edit.codebook_id != self.codebook_id:
-                raise EditNotFoundError(f"no edit with id {edit_id}")
+                raise UnknownEditError(f"no edit with id {edit_id}")
             edit, changed = repo.rollback_edit(session, edit_id, by)
             event_id = None
             if changed:

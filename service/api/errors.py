@@ -18,9 +18,9 @@ from sqlalchemy import exc as sa
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from horen_core.errors import CorruptStateError, InvalidInputError
+from horen_core.errors import CorruptStateError, InvalidInputError, UnknownEditError
 from service.auth import AdminDisabledError, EditsDisabledError, ForbiddenError, UnauthorizedError
-from service.engine import EditConflictError, EditNotFoundError, NotReadyError, QueueFullError
+from service.engine import EditConflictError, NotReadyError, QueueFullError
 from service.transfer import CodebookNotEmptyError, IdentityMismatchError, MalformedArchiveError
 
 log = logging.getLogger("horen.api")
@@ -57,7 +57,7 @@ DB_UNAVAILABLE = "the database is unavailable; retry later"
 ERROR_TABLE: list[tuple[type[BaseException], int, str, str | None]] = [
     (InvalidInputError, 422, "invalid_input", None),
     (UnsupportedOptionError, 400, "unsupported_option", None),
-    (EditNotFoundError, 404, "not_found", None),
+    (UnknownEditError, 404, "not_found", None),
     (KeyNotFoundError, 404, "not_found", None),
     (ModelNotFoundError, 404, "model_not_found", None),
     (UnauthorizedError, 401, "unauthorized", None),

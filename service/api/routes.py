@@ -17,7 +17,7 @@ from pydantic import BeforeValidator
 from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from horen_core.errors import InvalidInputError
+from horen_core.errors import InvalidInputError, UnknownEditError
 from service.api.errors import KeyNameTakenError, KeyNotFoundError, error_responses
 from service.api.schemas import (
     MAX_ID,
@@ -38,7 +38,7 @@ from service.api.schemas import (
 )
 from service.auth import KeyRing, Principal, new_key, sha256_hex
 from service.db import repository as repo
-from service.engine import DB_ERRORS, EditNotFoundError, Engine, NotReadyError
+from service.engine import DB_ERRORS, Engine, NotReadyError
 from service.replication import edit_to_dict
 from service.settings import Settings
 
@@ -217,7 +217,7 @@ def get_edit(edit_id: EditId, engine: EngineDep, _who: Reader) -> dict:
     with engine.sessions() as session:
         e = repo.get_edit(session, edit_id)
         if e is None or e.codebook_id != engine.codebook_id:
-            raise EditNotFoundError(f"no edit with id {edit_id}")
+            raise UnknownEditError(f"no edit with id {edit_id}")
         return edit_to_dict(e)
 
 

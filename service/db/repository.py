@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Row, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from service.db.errors import EditNotFound, EntryConflict
+from horen_core.errors import UnknownEditError
+from service.db.errors import EntryConflict
 from service.db.models import (
     EDIT_ACTIVE,
     EDIT_ROLLED_BACK,
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "EditNotFound",
     "EntryConflict",
     "active_edit_vectors",
     "any_api_key",
@@ -181,7 +181,7 @@ def rollback_edit(session: Session, edit_id: int, by: str | None) -> tuple[Edit,
     the API key's name, is its actor).
 
     Idempotent: for an edit already rolled back it returns ``(edit, False)`` and writes nothing.
-    Raises `EditNotFound` for an unknown id.
+    Raises ``UnknownEditError`` for an unknown id.
     """
     serialize_commit_lock(session)
     now = utcnow()
@@ -193,7 +193,7 @@ def rollback_edit(session: Session, edit_id: int, by: str | None) -> tuple[Edit,
     )
     edit = session.get(Edit, edit_id, populate_existing=True)
     if edit is None:
-        raise EditNotFound(f"no edit with id {edit_id}")
+        raise UnknownEditError(f"no edit with id {edit_id}")
     if changed.rowcount != 1:
         return edit, False
     session.execute(

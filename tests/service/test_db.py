@@ -18,6 +18,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
+from horen_core.errors import UnknownEditError
 from service.db import repository as repo
 from service.db.models import Base, Edit, Entry, Event
 from service.db.session import alembic_config, make_engine, make_session_factory, normalize_url, upgrade_database
@@ -335,7 +336,7 @@ def test_rollback_is_idempotent(sessions, codebook_id):
         assert repo.entry_version(s, codebook_id, entry) == 3
         assert repo.get_edit(s, second_id).rolled_back_by == "bob"
         assert repo.get_edit(s, first_id).status == "active"
-    with pytest.raises(repo.EditNotFound):
+    with pytest.raises(UnknownEditError):
         with sessions.begin() as s:
             repo.rollback_edit(s, 987_654, None)
 
