@@ -37,13 +37,12 @@ import torch
 
 from horen_core import hugepages
 from horen_core.codebook import Codebook, CodebookChange
+from service.settings import INDEX_DEFAULTS
 
 log = logging.getLogger(__name__)
 
 CandidateProvider = Callable[[torch.Tensor], torch.Tensor | None]
 
-# from this many keys the index routes faster than exhaustive search, with the same routes
-DEFAULT_MIN_KEYS = 4096
 _SIGNATURE_PROBES = 8  # random projections per key that reveal a key changed under the same entry id
 _SIGNATURE_TOL = 1e-5  # float noise of recomputing a projection; a changed key moves it ~1e-2
 _ADD_CHUNK = 65536  # rows projected and added per FAISS call, to bound temporary memory
@@ -222,15 +221,15 @@ class KeyIndex:
     def __init__(
         self,
         dim: int,
-        top_k: int = 512,
-        min_keys: int = DEFAULT_MIN_KEYS,
+        top_k: int = INDEX_DEFAULTS["top_k"],
+        min_keys: int = INDEX_DEFAULTS["min_keys"],
         use_gpu: bool = False,
         *,
         reduced_dim: int = 256,
         pq_min_keys: int = 16384,
-        code_dims: int = 4,
-        scan_k: int = 2048,
-        scan_threads: int = 0,
+        code_dims: int = INDEX_DEFAULTS["code_dims"],
+        scan_k: int = INDEX_DEFAULTS["scan_k"],
+        scan_threads: int = INDEX_DEFAULTS["scan_threads"],
         rebuild_fraction: float = 0.2,
         pca_sample: int = 20000,
         rotate: bool = True,

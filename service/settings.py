@@ -11,6 +11,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from horen_core.config import HorenConfig
 
+# the prefilter's defaults, shared by Settings and service.index.KeyIndex
+INDEX_DEFAULTS = {"min_keys": 4096, "top_k": 512, "scan_k": 2048, "code_dims": 4, "scan_threads": 0}
+
 
 class ApiKeySetting(BaseModel):
     """One entry of HOREN_API_KEYS."""
@@ -73,21 +76,16 @@ class Settings(BaseSettings):
     # retries of an edit whose codebook entry was changed concurrently by another replica
     conflict_retries: int = Field(default=3, ge=0)
     # codebook size from which the FAISS prefilter is used (exact search below it)
-    index_min_keys: int = Field(default=4096, ge=0)
-    # candidates the FAISS prefilter scores against the full keys per query; routing attends the
-    # nearest hopfield_support (32) of them by exact cosine, so more than that makes up for PCA/PQ blur
-    # (1M keys, real queries: 512 agreed with exact routing on 0.9991-0.9994, 256 on 0.9988, at
-    # ~0.25 ms more per query)
-    index_top_k: int = Field(default=512, ge=1)
-    # quantised codes one scan fetches, re-ranked by exact distance in the PCA space to index_top_k
-    # (at most index_top_k: no re-rank)
-    index_scan_k: int = Field(default=2048, ge=1)
-    # index dimensions per 4-bit PQ code: 4 = 32 bytes scanned per key; 2 = 64 bytes, finer codes at
-    # ~1.6x the time per query (before the residual coordinate of service/index.py, 1M keys with
-    # index_top_k 1024: 0.9991 vs 0.9957 agreement; with it the 32-byte codes reach 0.999)
-    index_code_dims: int = Field(default=4, ge=1)
+    index_min_keys: int = Field(default=INDEX_DEFAULTS["min_keys"], ge=0)
+    # candidates the prefilter hands to exact routing per query (more than hopfield_support makes up
+    # for the index's blur; measurements: docs/benchmarks.md)
+    index_top_k: int = Field(default=INDEX_DEFAULTS["top_k"], ge=1)
+    # quantised codes one scan fetches, re-ranked exactly down to index_top_k (<= index_top_k: none)
+    index_scan_k: int = Field(default=INDEX_DEFAULTS["scan_k"], ge=1)
+    # index dimensions per 4-bit PQ code: 4 = 32 bytes scanned per key, 2 = 64 bytes (finer, slower)
+    index_code_dims: int = Field(default=INDEX_DEFAULTS["code_dims"], ge=1)
     # shards one prefilter scan is split into, each on its own thread (0: the usable cores, at most 4)
-    index_threads: int = Field(default=0, ge=0)
+    index_threads: int = Field(default=INDEX_DEFAULTS["scan_threads"], ge=0)
     # HoReN method settings (layer, threshold, ...), as JSON, e.g. HOREN_HOREN='{"threshold": 0.85}'
     horen: dict = Field(default_factory=dict)
 
