@@ -51,9 +51,9 @@ def schemathesis_command(url: str, key: str, examples: int, config: str, seed: i
         "1",
         "--generation-database",
         "none",
+        # no response-time check: an edit trains for seconds on busy cores, and timings belong in bench/;
+        # a hang still fails, as a request timeout (a --max-response-time of 300 could never fire first)
         "--request-timeout",
-        "300",
-        "--max-response-time",
         "300",
         "-H",
         f"Authorization: Bearer {key}",
