@@ -4,8 +4,8 @@ it mentions that edit's subject, so a question about another entity whose key ha
 the unedited model.
 
 A subject given with the edit is used as it is; otherwise it is inferred from the question: its
-longest run of capitalised words or numbers (linking words such as "of" or "de" inside a run),
-without a leading question word and without a trailing possessive. A question with no such run
+longest run of capitalised words or numbers, holding at least one capitalised word (linking words
+such as "of" or "de" inside a run), without a leading question word or a trailing possessive. A question with no such run
 has no subject and its edit applies wherever its key routes.
 """
 
@@ -49,7 +49,7 @@ def infer_subject(question: str) -> str | None:
     for run in runs:
         while run and words[run[-1]][0].lower() in _LINKS:
             run = run[:-1]
-        if run:
+        if any(words[i][0][0].isupper() for i in run):  # numbers alone name nothing
             text = re.sub(r"['’]s?$", "", question[words[run[0]][1] : words[run[-1]][2]].rstrip("."))
             if text and (best is None or len(text) > len(best)):
                 best = text

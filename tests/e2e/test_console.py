@@ -122,6 +122,7 @@ def test_edit_answers_differ_then_rollback_makes_them_agree(page, server):
     make.get_by_label("Format").select_option("plain")
     make.get_by_role("button", name="Train the edit").click()
     expect(page.locator("#edit-result")).to_contain_text("trained in")
+    expect(page.locator("#edit-result")).to_contain_text("applies to")
     edit_id = int(re.search(r"#(\d+)", page.locator("#edit-result").inner_text()).group(1))
     expect(page.locator("#compare")).to_have_text(re.compile("differ"))
     after_with, after_without = page.locator("#answer-with").inner_text(), page.locator("#answer-without").inner_text()

@@ -1,6 +1,6 @@
 """The bundled SmolLM2-135M-Instruct with real ZsRE facts: an edit made with a plain question
 answers the same question in the chat template and the other way round, and the text after an
-edited fact is not a loop."""
+edited fact is not a loop; the same question about another subject is not routed."""
 
 from __future__ import annotations
 
@@ -57,3 +57,16 @@ def test_the_unedited_switch_gives_the_base_model(chat_editor):
     with chat_editor.unedited():
         got = chat_editor.generate([r["src"]], max_new_tokens=8)[0]
     assert got.entry_id is None and r["answers"][0] not in got.text
+
+
+def test_the_same_question_about_another_subject_keeps_its_answer(chat_editor):
+    """Near names: without the subject gate these prompts route to the edits (cosine 0.84-0.98)."""
+    near = {1: "Physciaceae", 2: "Call the Nurse", 3: "Volvo B10M"}
+    for i, name in near.items():
+        other = RECORDS[i]["src"].replace(RECORDS[i]["subject"], name)
+        assert other != RECORDS[i]["src"]
+        edited = chat_editor.generate([other, chat_prompt(chat_editor, other)], max_new_tokens=16)
+        with chat_editor.unedited():
+            unedited = chat_editor.generate([other, chat_prompt(chat_editor, other)], max_new_tokens=16)
+        for got, base in zip(edited, unedited):
+            assert got.edit_id is None and got.text == base.text, (other, got.text)

@@ -20,6 +20,8 @@ from horen_core.subjects import infer_subject, mentions, resolve_subject
         ("Who taught Leonardo da Vinci to paint?", "Leonardo da Vinci"),
         ("what is the boiling point of water?", None),
         ("When did it happen?", None),
+        ("Which river flows through r0b 2?", None),
+        ("Who won the 1998 World Cup?", "1998 World Cup"),
     ],
 )
 def test_infer_subject(question, subject):

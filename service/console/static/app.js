@@ -215,11 +215,15 @@ async function makeEdit() {
   const format = $("edit-format").value;
   $("edit-result").textContent = "Training…";
   try {
-    const e = await state.api.post("/edits", { prompt, target: $("edit-target").value, format });
+    const body = { prompt, target: $("edit-target").value, format };
+    const subject = $("edit-subject").value.trim();
+    if (subject) body.subject = subject;
+    const e = await state.api.post("/edits", body);
     const how = e.new_key ? "a new key" : `retrained entry ${e.entry_id}`;
+    const about = e.subject ? ` It applies to prompts that name “${e.subject}”.` : " It applies to any prompt its key routes.";
     $("edit-result").replaceChildren(
       node("a", { href: `#edit/${e.id}`, text: `Edit #${e.id}` }),
-      ` trained in ${e.train_ms.toFixed(0)} ms, ${e.steps} steps, ${how}.`,
+      ` trained in ${e.train_ms.toFixed(0)} ms, ${e.steps} steps, ${how}.${about}`,
     );
     announce(`Edit ${e.id} trained`);
     $("try-prompt").value = prompt;
@@ -348,6 +352,7 @@ async function showEditPage(id) {
   dl.replaceChildren();
   fact(dl, "Prompt", e.prompt);
   fact(dl, "Target", e.target);
+  fact(dl, "Subject", e.subject || "(any prompt)");
   dl.append(node("div", { class: "fact" }, node("dt", { text: "Status" }), node("dd", {}, statusBadge(e.status))));
   fact(dl, "Steps", String(e.steps));
   fact(dl, "Train ms", e.train_ms.toFixed(1));
