@@ -176,23 +176,18 @@ class HorenEditor:
 
         return RoutePlan(self.layer, prompt_mask, router, self.config.query_strategy, self.config.query_fraction)
 
-    def _question_texts(self, seqs: Sequence[Sequence[int]], lengths: Sequence[int]) -> list[str]:
-        """Each row's question (the span ``self.chat`` finds in its first ``lengths[i]`` tokens) as text."""
-        out = []
-        for s, n in zip(seqs, lengths):
-            a, b = self.chat.span(s[:n])
-            out.append(self.tokenizer.decode(list(s[a:b]), skip_special_tokens=True))
-        return out
-
-    def _question_mask(self, seqs: Sequence[Sequence[int]], lengths: Sequence[int], width: int) -> torch.Tensor:
-        """[B, width] 1 at each left-padded row's question tokens: the span ``self.chat`` finds in
-        its first ``lengths[i]`` tokens (the whole prompt unless it is chat-formatted)."""
+    def _question_plan(self, seqs: Sequence[Sequence[int]], lengths: Sequence[int], width: int) -> RoutePlan:
+        """The route plan of left-padded rows whose questions are the spans ``self.chat`` finds in
+        their first ``lengths[i]`` tokens (the whole prompt unless it is chat-formatted): routed
+        over those tokens, gated by those questions' text."""
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        texts = []
         for i, (s, n) in enumerate(zip(seqs, lengths)):
             a, b = self.chat.span(s[:n])
             off = width - len(s)
             mask[i, off + a : off + b] = 1
-        return mask.to(self.input_device)
+            texts.append(self.tokenizer.decode(list(s[a:b]), skip_special_tokens=True))
+        return self._route_plan(mask.to(self.input_device), texts)
 
     def _pad_left(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         t = max(len(s) for s in seqs)
@@ -244,10 +239,7 @@ class HorenEditor:
         eos = self.tokenizer.eos_token_id
         release = _Release(stream, len(seqs), eos, budget) if stream is not None else None
         with self.lock:
-            lengths = [len(q) for q in seqs]
-            plan = self._route_plan(
-                self._question_mask(seqs, lengths, ids.shape[1]), self._question_texts(seqs, lengths)
-            )
+            plan = self._question_plan(seqs, [len(q) for q in seqs], ids.shape[1])
             stop = _TargetStated(self, plan, ids.shape[1])
             kwargs = {**gen_kwargs, "max_new_tokens": budget, "min_new_tokens": min(min_new_tokens, budget)}
             rows = list(range(len(seqs)))
@@ -319,12 +311,11 @@ class HorenEditor:
         ``prompt_lengths[i]`` tokens of each row. Returns (logits, attention mask, routed entries);
         with ``keep_last`` > 0 only the last that many positions' logits are computed."""
         ids, mask = self._pad_left(seqs)
-        prompt_mask = self._question_mask(seqs, prompt_lengths, ids.shape[1])
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": self._positions(mask)}
         if keep_last:
             kwargs["logits_to_keep"] = keep_last
         with self.lock:
-            plan = self._route_plan(prompt_mask, self._question_texts(seqs, prompt_lengths))
+            plan = self._question_plan(seqs, prompt_lengths, ids.shape[1])
             with activate(None if _UNEDITED.get() else plan):
                 logits = self.model(**kwargs).logits
         return logits, mask, plan.entry_ids or [None] * len(seqs)
@@ -336,10 +327,7 @@ class HorenEditor:
         ids, mask = self._pad_left(seqs)
         kwargs = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False}
         with self.lock:
-            lengths = [len(q) for q in seqs]
-            plan = self._route_plan(
-                self._question_mask(seqs, lengths, ids.shape[1]), self._question_texts(seqs, lengths)
-            )
+            plan = self._question_plan(seqs, [len(q) for q in seqs], ids.shape[1])
             with activate(None if _UNEDITED.get() else plan):
                 out = self.model.generate(
                     input_ids=ids, attention_mask=mask, pad_token_id=self.tokenizer.pad_token_id, **kwargs
@@ -642,9 +630,8 @@ class HorenEditor:
     ) -> list[CodebookChange]:
         """``apply_version`` of many edits, in order (a log replay): each run of edits that create
         entries goes into the codebook at once (``Codebook.add_many``), retrains one by one."""
+        subjects = list(subjects) if subjects is not None else [""] * len(edit_ids)
         with self.lock:
-            if subjects is not None:
-                self.subjects.update(zip(edit_ids, subjects))
             changes: list[CodebookChange] = []
             run: list[int] = []  # positions of consecutive edits creating entries, not yet added
             created: set[int] = set()
@@ -662,13 +649,15 @@ class HorenEditor:
                         )
                     )
                     self._next_edit_id = max(self._next_edit_id, max(edit_ids[i] for i in run) + 1)
+                    self.subjects.update((edit_ids[i], subjects[i]) for i in run)
                     run.clear()
 
             for i, entry_id in enumerate(entry_ids):
                 if entry_id in created or self.codebook.has_entry(entry_id):
                     flush()
-                    subject = self.subjects.get(edit_ids[i], "")
-                    changes.append(self.apply_version(edit_ids[i], entry_id, keys[i], values[i], answers[i], subject))
+                    changes.append(
+                        self.apply_version(edit_ids[i], entry_id, keys[i], values[i], answers[i], subjects[i])
+                    )
                 else:
                     run.append(i)
                     created.add(entry_id)

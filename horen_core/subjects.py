@@ -5,8 +5,8 @@ the unedited model.
 
 A subject given with the edit is used as it is; otherwise it is inferred from the question: its
 longest run of capitalised words or numbers, holding at least one capitalised word (linking words
-such as "of" or "de" inside a run), without a leading question word or a trailing possessive. A question with no such run
-has no subject and its edit applies wherever its key routes.
+such as "of" or "de" inside a run), without a leading question word or a trailing possessive. A
+question with no such run has no subject and its edit applies wherever its key routes.
 """
 
 from __future__ import annotations
