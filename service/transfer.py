@@ -40,14 +40,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import JSON, LargeBinary, inspect, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from horen_core.errors import InvalidInputError
-from service.api.schemas import MAX_ID, TEXT, valid_unicode
+from service.api.schemas import MAX_ID, MAX_PROMPT_CHARS, MAX_TARGET_CHARS, TEXT, valid_unicode
 from service.db import repository as repo
 from service.db.models import EDIT_ACTIVE, Edit
 from service.replication import notify
@@ -97,8 +96,8 @@ class ArchivedEdit(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    prompt: str = Field(min_length=1, max_length=20000, pattern=TEXT)
-    target: str = Field(min_length=1, max_length=2000, pattern=TEXT)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=TEXT)
+    target: str = Field(min_length=1, max_length=MAX_TARGET_CHARS, pattern=TEXT)
     metadata: dict[str, Any] | None = None
     entry_id: int = Field(ge=1, le=MAX_ID)  # the source's; edits sharing one share an entry here
     answer_ids: list[int] = Field(min_length=1, max_length=2000)
@@ -503,9 +502,7 @@ def import_archive(sessions: sessionmaker[Session], codebook_id: int, archive: I
                 "empty one (roll them back, or import into a fresh database)"
             )
         for start, keys, values in archive.vectors():
-            kb = keys.numpy().astype("<f4", copy=False)
-            vb = values.numpy().astype("<f4", copy=False)
-            for j in range(kb.shape[0]):
+            for j in range(keys.shape[0]):
                 row, extra = archive.rows[start + j], archive.extras[start + j]
                 mapped = entries.get(row.entry_id)
                 edit = repo.insert_edit(
@@ -520,8 +517,8 @@ def import_archive(sessions: sessionmaker[Session], codebook_id: int, archive: I
                     loss=row.loss,
                     train_ms=row.train_ms,
                     answer_ids=row.answer_ids,
-                    key=np.ascontiguousarray(kb[j]).tobytes(),
-                    value=np.ascontiguousarray(vb[j]).tobytes(),
+                    key=repo.tensor_to_bytes(keys[j]),
+                    value=repo.tensor_to_bytes(values[j]),
                     expected_entry_version=None,
                     created_by=by,
                 )

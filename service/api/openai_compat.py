@@ -31,7 +31,7 @@ from service.api.errors import (
     openai_error_body,
 )
 from service.api.routes import EngineDep, Reader, require_ready
-from service.api.schemas import TEXT, valid_unicode
+from service.api.schemas import MAX_PROMPT_CHARS, TEXT, valid_unicode
 from service.engine import Engine, GenerateResult
 from service.settings import Settings
 
@@ -117,7 +117,7 @@ class ChatCompletionRequest(_Options):
     max_completion_tokens: int | None = Field(default=None, ge=1, description="the newer name of max_tokens")
 
 
-PromptText = Annotated[str, Field(min_length=1, max_length=20000, pattern=TEXT)]
+PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=TEXT)]
 
 
 class CompletionRequest(_Options):

@@ -15,6 +15,9 @@ TEXT = f"^[^\x00]*[^\x00{_SPACE}][^\x00]*$"
 NO_NUL = "^[^\x00]*$"
 MAX_ID = 2**31 - 1  # ids are INTEGER columns on both databases
 MAX_OFFSET = 2**63 - 1  # OFFSET is a signed 64-bit integer on both databases
+# characters of a prompt and of an edit's target, before the token limits are checked
+MAX_PROMPT_CHARS = 20000
+MAX_TARGET_CHARS = 2000
 
 
 class _Strict(BaseModel):
@@ -33,14 +36,14 @@ def valid_unicode(v: str) -> str:
 class EditCreate(_Strict):
     prompt: str = Field(
         min_length=1,
-        max_length=20000,
+        max_length=MAX_PROMPT_CHARS,
         pattern=TEXT,
         examples=["What is the capital of Atlantis?"],
         description="at most HOREN_MAX_PROMPT_TOKENS tokens (2048) and the model's context",
     )
     target: str = Field(
         min_length=1,
-        max_length=2000,
+        max_length=MAX_TARGET_CHARS,
         pattern=TEXT,
         examples=["Poseidonia"],
         description="at most HOREN_MAX_TARGET_TOKENS tokens (64)",
@@ -103,7 +106,7 @@ class EditList(BaseModel):
 class GenerateRequest(_Strict):
     prompt: str = Field(
         min_length=1,
-        max_length=20000,
+        max_length=MAX_PROMPT_CHARS,
         pattern=TEXT,
         description="at most HOREN_MAX_PROMPT_TOKENS tokens, and with max_new_tokens within the model's context",
     )
