@@ -30,6 +30,7 @@ Without --model it serves the tiny random model of the tests (fast to start and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -40,6 +41,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -324,14 +326,38 @@ def kill_loop(args, name: str, db_url: str, root: Path) -> dict:
     return row(name, tally, lost_n, half_written(db_url), recover, codebook=same)
 
 
-def db_outage(args, root: Path) -> dict:
+@contextlib.contextmanager
+def two_replicas(args, root: Path, name: str) -> Iterator[tuple[ScratchPostgres, list[Server]]]:
+    """A scratch PostgreSQL and two ready servers on it; both killed and the cluster removed after."""
     pg = ScratchPostgres().init()
     pg.start()
     servers = []
     try:
-        servers = [make_server(args, pg.url, root, f"pg-outage-{n}") for n in "ab"]
+        servers = [make_server(args, pg.url, root, f"{name}-{n}") for n in "ab"]
         for s in servers:
             s.start(timeout=300)
+        yield pg, servers
+    finally:
+        for s in servers:
+            s.stop(kill=True)
+        pg.destroy()
+
+
+def replicas_outcome(tally: Tally, servers: list[Server], pg: ScratchPostgres) -> tuple[float, int, bool, bool]:
+    """After the load: seconds until the replicas' digests agree, acknowledged edits lost, whether
+    both list the same edits and whether each codebook matches the database; stops the servers."""
+    urls = [s.url for s in servers]
+    agree = until(lambda: digests_agree(urls))
+    lost_n = lost(tally, urls[0])
+    same = listed(urls[0]) == listed(urls[1])
+    matches = all(codebook_matches(u, pg.url) for u in urls)
+    for s in servers:
+        s.stop()
+    return agree, lost_n, same, matches
+
+
+def db_outage(args, root: Path) -> dict:
+    with two_replicas(args, root, "pg-outage") as (pg, servers):
         urls = [s.url for s in servers]
         tally = Tally()
         load = Load(urls, tally, "o", pause=0.05)
@@ -345,31 +371,16 @@ def db_outage(args, root: Path) -> dict:
         first = first_201_after(tally, t_end)
         time.sleep(1.0)
         load.end()
-        agree = until(lambda: digests_agree(urls))
-        lost_n = lost(tally, urls[0])
-        same = listed(urls[0]) == listed(urls[1])
-        matches = all(codebook_matches(u, pg.url) for u in urls)
-        for s in servers:
-            s.stop()
+        agree, lost_n, same, matches = replicas_outcome(tally, servers, pg)
         recover = (
             f"first 201 {first}, both /readyz 200 {ready_s:.2f} s; 201s while down: {during}; "
             f"digests agree {agree:.2f} s after the load, same listing: {same}"
         )
         return row("postgres crash/restart, 2 replicas", tally, lost_n, half_written(pg.url), recover, codebook=matches)
-    finally:
-        for s in servers:
-            s.stop(kill=True)
-        pg.destroy()
 
 
 def replica_kill(args, root: Path) -> dict:
-    pg = ScratchPostgres().init()
-    pg.start()
-    servers = []
-    try:
-        servers = [make_server(args, pg.url, root, f"replica-{n}") for n in "ab"]
-        for s in servers:
-            s.start(timeout=300)
+    with two_replicas(args, root, "replica") as (pg, servers):
         tally = Tally()
         rng = random.Random(18)
         restarts = []
@@ -383,22 +394,12 @@ def replica_kill(args, root: Path) -> dict:
             t_start = time.monotonic()
             servers[0].start(timeout=300)  # ready = its model loaded and the survivor's edits applied
             restarts.append(time.monotonic() - t_start)
-        urls = [s.url for s in servers]
-        agree = until(lambda: digests_agree(urls))
-        lost_n = lost(tally, urls[0])
-        same = listed(urls[0]) == listed(urls[1])
-        matches = all(codebook_matches(u, pg.url) for u in urls)
-        for s in servers:
-            s.stop()
+        agree, lost_n, same, matches = replicas_outcome(tally, servers, pg)
         recover = (
             f"killed replica restart to ready {min(restarts):.1f}-{max(restarts):.1f} s ({args.replica_kills} kills); "
             f"digests agree {agree:.2f} s after, same listing: {same}"
         )
         return row("replica kill -9, 2 replicas", tally, lost_n, half_written(pg.url), recover, codebook=matches)
-    finally:
-        for s in servers:
-            s.stop(kill=True)
-        pg.destroy()
 
 
 def sqlite_fault(args, root: Path, kind: str) -> dict:
