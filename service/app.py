@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
 
 from service import console
-from service.api import openai_compat, transfer
+from service.api import imports, openai_compat, transfer
 from service.api.errors import install_error_handlers
 from service.api.limits import LimitsMiddleware
 from service.api.routes import ops, router
@@ -58,10 +58,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         LimitsMiddleware,
         max_body_bytes=settings.max_body_bytes,
         max_client_concurrency=settings.max_client_concurrency,
-        streamed={transfer.IMPORT_PATH: (settings.max_import_bytes, "HOREN_MAX_IMPORT_BYTES")},
+        streamed={
+            transfer.IMPORT_PATH: (settings.max_import_bytes, "HOREN_MAX_IMPORT_BYTES"),
+            imports.IMPORTS_PATH: (settings.max_import_facts_bytes, "HOREN_MAX_IMPORT_FACTS_BYTES"),
+        },
     )
     app.include_router(router)
     app.include_router(transfer.router)
+    app.include_router(imports.router)
     app.include_router(openai_compat.router)
     app.include_router(ops)
     console.install(app)

@@ -26,8 +26,10 @@ from sqlalchemy import exc as sa_exc
 
 from horen_core import HorenEditor, load_model
 from horen_core.errors import InvalidInputError, UnknownEditError
+from service import imports
 from service.db import repository as repo
 from service.db.session import make_engine, make_session_factory
+from service.imports import ImportWorker
 from service.index import KeyIndex
 from service.metrics import Metrics
 from service.replication import NOTIFY_CHANNEL, edit_to_dict, notify, psycopg_conninfo
@@ -166,6 +168,7 @@ class Engine:
         self.db_engine = make_engine(settings.resolved_database_url())
         self.sessions = make_session_factory(self.db_engine)
         self._listener: threading.Thread | None = None
+        self.imports = ImportWorker(self.sessions, self._edit_one, settings.import_chunk, settings.sync_interval)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -217,13 +220,18 @@ class Engine:
         if self._stop.is_set():
             return
         self._db_back()
+        self._resume_imports()
         self.ready.set()
         self._start_listener()
         while not self._stop.is_set():
             try:
-                job = self._next_job(timeout=self.settings.sync_interval)
+                # while an import runs, it takes the turns no request wants
+                job = self._next_job(timeout=0 if self.imports.active else self.settings.sync_interval)
             except queue.Empty:
-                self._safe_sync()
+                if self.imports.active:
+                    self._import_step()
+                else:
+                    self._safe_sync()
                 continue
             if job.kind == "stop":
                 break
@@ -231,6 +239,8 @@ class Engine:
                 self._run_generate_batch(job)
             else:
                 self._run_one(job)
+            if self.imports.active:  # one chunk between requests: neither starves the other
+                self._import_step()
             self.metrics.queue_depth.set(self._queue.qsize())
             if time.monotonic() - self.last_sync > self.settings.sync_interval:
                 self._safe_sync()
@@ -239,7 +249,23 @@ class Engine:
         if self._held is not None:
             job, self._held = self._held, None
             return job
-        return self._queue.get(timeout=timeout)
+        return self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+
+    def _resume_imports(self) -> None:
+        try:
+            self.imports.resume(self.codebook_id)
+        except DB_ERRORS as exc:  # picked up by the next start; the import's status says it waits
+            self._db_failed(exc)
+
+    def _import_step(self) -> None:
+        try:
+            self.imports.step(self._check_edit)
+        except DB_ERRORS as exc:
+            self._db_failed(exc)
+            self.imports.wait()
+        except Exception:
+            log.exception("an import step failed; will retry")
+            self.imports.wait()
 
     def _run_one(self, job: Job) -> None:
         handler: Callable[..., Any] = getattr(self, f"_do_{job.kind}")
@@ -560,7 +586,11 @@ class Engine:
         format: str = "auto",
         by: str | None = None,
         subject: str | None = None,
+        item: tuple[int, int] | None = None,
     ) -> Any:
+        """Train, commit and apply one edit; returns its row as a dict. With ``item`` (an import's
+        id and line) the edit is made only if that item is still pending, and the item is marked
+        done in the edit's transaction; None when it was not pending."""
         editor = self.editor
         t0 = time.perf_counter()
         for _attempt in range(self.settings.conflict_retries + 1):
@@ -574,6 +604,8 @@ class Engine:
                 with self.sessions.begin() as session:
                     repo.serialize_commit_lock(session)
                     self._apply_events(session)  # commits of other replicas come first in the order
+                    if item is not None and not imports.claim_item(session, *item):
+                        return None
                     row = repo.insert_edit(
                         session,
                         self.codebook_id,
@@ -593,6 +625,8 @@ class Engine:
                         subject=res.subject,
                     )
                     session.flush()
+                    if item is not None:
+                        imports.finish_item(session, *item, row.id)
                     event_id = repo.last_event_id(session, self.codebook_id)
                     notify(session, self.codebook_id, event_id)
                     out = edit_to_dict(row)

@@ -21,6 +21,7 @@ from starlette.routing import Match
 from horen_core.errors import CorruptStateError, InvalidInputError, UnknownEditError
 from service.auth import AdminDisabledError, EditsDisabledError, ForbiddenError, UnauthorizedError
 from service.engine import EditConflictError, NotReadyError, QueueFullError
+from service.imports import ImportFinishedError, ImportNotFoundError
 from service.transfer import CodebookNotEmptyError, IdentityMismatchError, MalformedArchiveError
 
 log = logging.getLogger("horen.api")
@@ -65,6 +66,8 @@ ERROR_TABLE: list[tuple[type[BaseException], int, str, str | None]] = [
     (AdminDisabledError, 403, "admin_disabled", None),
     (EditsDisabledError, 403, "edits_disabled", None),
     (KeyNameTakenError, 409, "conflict", None),
+    (ImportNotFoundError, 404, "not_found", None),
+    (ImportFinishedError, 409, "conflict", None),
     (QueueFullError, 503, "overloaded", None),
     (NotReadyError, 503, "not_ready", None),
     (EditConflictError, 409, "conflict", None),

@@ -2,8 +2,9 @@
 
 `edits` is the log of edits (its id is both their global order and the HoReN edit id),
 `codebook_entries` holds one optimistic-concurrency version per entry, `events` is the
-replication log that replicas read in id order (each with who caused it, the audit trail), and
-`api_keys` holds keys made through the admin routes, by sha256 only.
+replication log that replicas read in id order (each with who caused it, the audit trail),
+`api_keys` holds keys made through the admin routes, by sha256 only, and `imports` /
+`import_items` hold bulk imports: every fact of one, and the edit it became once committed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ EDIT_ACTIVE = "active"
 EDIT_ROLLED_BACK = "rolled_back"
 EVENT_EDIT = "edit"
 EVENT_ROLLBACK = "rollback"
+IMPORT_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+ITEM_PENDING, ITEM_DONE, ITEM_FAILED = "pending", "done", "failed"
 ROLES = ("read", "edit", "admin")  # each role may do what the ones before it may
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
@@ -156,3 +159,43 @@ class ApiKey(Base):
     role: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     created_by: Mapped[str | None] = mapped_column(String(255))
+
+
+class Import(Base):
+    __tablename__ = "imports"
+    __table_args__ = (
+        Index(None, "codebook_id", "status"),
+        CheckConstraint(f"status IN {IMPORT_STATUSES!r}", name="status"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    codebook_id: Mapped[int] = mapped_column(ForeignKey("codebooks.id"))
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    total: Mapped[int] = mapped_column(Integer)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_by: Mapped[str | None] = mapped_column(String(255))
+    cancelled_by: Mapped[str | None] = mapped_column(String(255))
+
+
+class ImportItem(Base):
+    __tablename__ = "import_items"
+    __table_args__ = (
+        Index(None, "import_id", "status"),
+        CheckConstraint(f"status IN ('{ITEM_PENDING}', '{ITEM_DONE}', '{ITEM_FAILED}')", name="status"),
+    )
+
+    import_id: Mapped[int] = mapped_column(ForeignKey("imports.id"), primary_key=True, autoincrement=False)
+    line: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)  # 1-based, in the upload
+    prompt: Mapped[str] = mapped_column(Text)
+    target: Mapped[str] = mapped_column(Text)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
+    subject: Mapped[str | None] = mapped_column(Text)
+    format: Mapped[str] = mapped_column(String(8), default="auto")
+    status: Mapped[str] = mapped_column(String(16), default=ITEM_PENDING)
+    edit_id: Mapped[int | None] = mapped_column(ForeignKey("edits.id"))  # set in the edit's own transaction
+    error: Mapped[str | None] = mapped_column(Text)
