@@ -14,7 +14,8 @@ from sqlalchemy import select
 
 from service.app import create_app
 from service.db.models import ImportItem
-from tests.service.conftest import wait_ready
+from service.import_cli import import_main
+from tests.service.conftest import ThreadServer, wait_ready
 from tests.service.test_api import assert_error, make_settings
 from tests.service.test_db import _postgres_database
 
@@ -150,3 +151,19 @@ def test_a_restart_mid_import_resumes_without_duplicates(tmp_path, tiny_model_di
         edits = client.get("/edits", params={"limit": 100}).json()
         assert edits["total"] == 30
         assert sorted(e["prompt"] for e in edits["items"]) == sorted(f["prompt"] for f in facts)
+
+
+def test_the_import_command_follows_an_import_to_its_end(tmp_path, tiny_model_dir, capsys):
+    settings = make_settings(
+        tmp_path, tiny_model_dir, api_keys=[{"name": "ed", "key": "editor-key-0123456789abcdef", "role": "edit"}]
+    )
+    path = tmp_path / "facts.jsonl"
+    path.write_bytes(jsonl(FACTS) + b'{"prompt": "' + b"word " * 40 + b'?", "target": "x"}\n')
+    with ThreadServer(create_app(settings.model_copy(update={"max_prompt_tokens": 20}))) as server:
+        assert import_main([str(path), "--url", server.url, "--poll", "0.1"]) == 2  # no key: refused
+        assert "401" in capsys.readouterr().err
+        rc = import_main([str(path), "--url", server.url, "--key", "editor-key-0123456789abcdef", "--poll", "0.1"])
+        out = capsys.readouterr()
+        assert rc == 0, out
+        assert "done: 4 edits made, 1 facts failed, 0 not made" in out.out
+        assert "line 5:" in out.err
