@@ -1,5 +1,5 @@
-"""`create_app(settings)`: the FastAPI application. The engine starts with the app (model loading
-runs on the engine thread, so /healthz answers at once and /readyz turns 200 when ready)."""
+"""`create_app(settings)`: the FastAPI application. The runtime starts with the app (model loading
+runs on the device thread, so /healthz answers at once and /readyz turns 200 when ready)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from service.api.errors import install_error_handlers
 from service.api.limits import LimitsMiddleware
 from service.api.routes import ops, router
 from service.auth import KeyRing
-from service.engine import Engine
+from service.runtime import Runtime
 from service.settings import Settings
 
 log = logging.getLogger("horen.app")
@@ -29,10 +29,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = Engine(settings)
-        app.state.engine = engine
-        app.state.keys = KeyRing(settings, engine.sessions)
-        engine.start()
+        runtime = Runtime(settings)
+        app.state.runtime = runtime
+        app.state.keys = KeyRing(settings, runtime.sessions)
+        runtime.start()
         try:
             line = await run_in_threadpool(app.state.keys.describe_open_access)
             if line:
@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            engine.stop()
+            runtime.stop()
 
     app = FastAPI(
         title="HoReN Server",

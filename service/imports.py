@@ -1,5 +1,5 @@
 """Bulk imports: a JSONL upload of facts becomes an ``imports`` row and one ``import_items`` row per
-fact, committed before POST /imports answers. The engine thread then makes the edits a chunk at a
+fact, committed before POST /imports answers. The device thread then makes the edits a chunk at a
 time between other jobs, so generation keeps being served. Each fact is committed exactly as a
 POST /edits commits one, and its item is marked done in the same transaction: after a crash or a
 restart the import resumes from its pending items and never makes a fact twice, on any replica.
@@ -12,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from sqlalchemy import func, select, update
@@ -21,6 +21,9 @@ from sqlalchemy.orm import Session
 from horen_core.errors import InvalidInputError
 from service.api.schemas import EditCreate
 from service.db.models import ITEM_DONE, ITEM_FAILED, ITEM_PENDING, Import, ImportItem, utcnow
+
+if TYPE_CHECKING:
+    from service.editing import EditingService
 
 log = logging.getLogger("horen.imports")
 
@@ -174,12 +177,11 @@ def import_to_dict(session: Session, job: Import, now: datetime | None = None) -
 
 
 class ImportWorker:
-    """Runs on the engine thread: ``step`` makes up to ``chunk`` pending facts of the oldest active
-    import and returns; the engine calls it between jobs while ``active``."""
+    """Runs on the device thread: ``step`` makes up to ``chunk`` pending facts of the oldest active
+    import and returns; the runtime calls it between jobs while ``active``."""
 
-    def __init__(self, sessions: Any, make_edit: Callable[..., Any], chunk: int, retry_after: float) -> None:
+    def __init__(self, sessions: Any, chunk: int, retry_after: float) -> None:
         self.sessions = sessions
-        self.make_edit = make_edit  # (prompt, target, metadata, format, by, subject, item=(id, line)) -> row | None
         self.chunk = chunk
         self.retry_after = retry_after
         self.queue: deque[int] = deque()
@@ -203,7 +205,7 @@ class ImportWorker:
         """The database failed: try again after ``retry_after`` seconds."""
         self._not_before = time.monotonic() + self.retry_after
 
-    def step(self, check: Callable[[str, str, str], None]) -> None:
+    def step(self, editing: EditingService) -> None:
         """Make the next chunk; database errors propagate (the caller calls ``wait``)."""
         import_id = self.queue[0]
         with self.sessions.begin() as session:
@@ -229,8 +231,8 @@ class ImportWorker:
             ).all()
         for line, prompt, target, metadata, fmt, subject in items:
             try:
-                check(prompt, target, fmt)
-                self.make_edit(prompt, target, metadata or {}, fmt, by, subject, item=(import_id, line))
+                editing.check(prompt, target, fmt)
+                editing.make(prompt, target, metadata or {}, fmt, by, subject, item=(import_id, line))
             except InvalidInputError as exc:
                 with self.sessions.begin() as session:
                     if claim_item(session, import_id, line):

@@ -1,1 +1,1 @@
-"""HTTP tier: routes validate and map status codes; the engine does the work."""
+"""HTTP tier: routes validate and map status codes; the runtime's device thread does the work."""

@@ -20,9 +20,10 @@ from starlette.routing import Match
 
 from horen_core.errors import CorruptStateError, InvalidInputError, UnknownEditError
 from service.auth import AdminDisabledError, EditsDisabledError, ForbiddenError, UnauthorizedError
-from service.engine import EditConflictError, NotReadyError, QueueFullError
+from service.editing import EditConflictError
 from service.imports import ImportFinishedError, ImportNotFoundError
 from service.transfer import CodebookNotEmptyError, IdentityMismatchError, MalformedArchiveError
+from service.worker import NotReadyError, QueueFullError
 
 log = logging.getLogger("horen.api")
 

@@ -1,22 +1,22 @@
 """Bulk import routes: ``POST /imports`` stores the facts of a JSONL upload and answers 202 with
-the job; the engine makes them between other requests (`service.imports`). ``GET /imports/{id}``
+the job; the device thread makes them between other requests (`service.imports`). ``GET /imports/{id}``
 shows progress, ``DELETE /imports/{id}`` cancels (what is committed stays)."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
 
 from horen_core.errors import InvalidInputError
 from service import imports
 from service.api.errors import error_responses
-from service.api.routes import AUTHED, Editor, EngineDep, check_metadata, require_ready
+from service.api.routes import AUTHED, Editor, RuntimeDep, SessionDep, check_metadata
 from service.api.schemas import MAX_ID
-from service.engine import Engine, NotReadyError, QueueFullError
 from service.settings import Settings
 
 IMPORTS_PATH = "/imports"
@@ -62,11 +62,11 @@ _FORM = {
     responses=error_responses(413),
     openapi_extra={"requestBody": {"required": True, "content": {NDJSON: _UPLOAD, "multipart/form-data": _FORM}}},
 )
-async def create_import(request: Request, engine: EngineDep, who: Editor) -> dict:
+async def create_import(request: Request, runtime: RuntimeDep, session: SessionDep, who: Editor) -> dict:
     """Queue a JSONL upload of facts, one ``{"prompt", "target", "metadata"?, "subject"?, "format"?}``
     per line (as the body, ``application/x-ndjson``, or as the ``file`` field of a multipart form),
     up to HOREN_MAX_IMPORT_FACTS. A bad line is a 422 naming it, and nothing is queued."""
-    require_ready(engine)
+    codebook = runtime.served_codebook()
     settings: Settings = request.app.state.settings
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form()
@@ -76,44 +76,38 @@ async def create_import(request: Request, engine: EngineDep, who: Editor) -> dic
         data = await upload.read()
     else:
         data = await request.body()
-    out = await run_in_threadpool(_store, engine, settings, data, who.name)
-    engine.imports.add(out["id"])
-    try:  # wake the engine now rather than at its next poll
-        engine.submit("sync")
-    except (QueueFullError, NotReadyError):
-        pass
+    out = await run_in_threadpool(_store, session, codebook, settings, data, who.name)
+    runtime.queue_import(out["id"])
     return out
 
 
-def _store(engine: Engine, settings: Settings, data: bytes, by: str | None) -> dict:
+def _store(session: Session, codebook: int, settings: Settings, data: bytes, by: str | None) -> dict:
     facts = imports.parse_jsonl(data, settings.max_import_facts, lambda m: check_metadata(m, settings))
-    with engine.sessions.begin() as session:
-        job = imports.create_import(session, engine.codebook_id, facts, by)
+    with session.begin():
+        job = imports.create_import(session, codebook, facts, by)
         session.flush()
         return imports.import_to_dict(session, job)
 
 
 @router.get(IMPORTS_PATH + "/{import_id}", response_model=ImportOut, responses=error_responses(404))
-def get_import(import_id: ImportId, engine: EngineDep, _who: Editor) -> dict:
-    require_ready(engine)
-    with engine.sessions() as session:
-        return imports.import_to_dict(session, _job(session, engine, import_id))
+def get_import(import_id: ImportId, runtime: RuntimeDep, session: SessionDep, _who: Editor) -> dict:
+    return imports.import_to_dict(session, _job(session, runtime.served_codebook(), import_id))
 
 
 @router.delete(IMPORTS_PATH + "/{import_id}", response_model=ImportOut, responses=error_responses(404, 409))
-def cancel_import(import_id: ImportId, engine: EngineDep, who: Editor) -> dict:
+def cancel_import(import_id: ImportId, runtime: RuntimeDep, session: SessionDep, who: Editor) -> dict:
     """Stop an import: the facts it committed stay (its ``done``), the rest are never made. 409 once
     it has ended; cancelling again answers the cancelled import."""
-    require_ready(engine)
-    with engine.sessions.begin() as session:
-        job = _job(session, engine, import_id)
+    codebook = runtime.served_codebook()
+    with session.begin():
+        job = _job(session, codebook, import_id)
         imports.cancel_import(session, job, who.name)
         session.flush()
         return imports.import_to_dict(session, job)
 
 
-def _job(session: Any, engine: Engine, import_id: int):
-    job = imports.get_import(session, import_id, engine.codebook_id)
+def _job(session: Session, codebook: int, import_id: int):
+    job = imports.get_import(session, import_id, codebook)
     if job is None:
         raise imports.ImportNotFoundError(f"no import with id {import_id}")
     return job

@@ -3,7 +3,7 @@
 Requests become ordinary generate jobs (every active edit applied, as in /generate; `"edits": false`
 answers with the unedited model). Unknown fields are ignored, as OpenAI does; options this service
 cannot honour (n > 1, echo, logprobs, best_of > 1) are refused with a 400. With `stream: true` the
-answer is Server-Sent Events in OpenAI's chunk format ending with `data: [DONE]`: the engine thread
+answer is Server-Sent Events in OpenAI's chunk format ending with `data: [DONE]`: the device thread
 hands text to an asyncio queue with `call_soon_threadsafe`, and a client that goes away stops its row
 of the batch. Each choice carries an extension field, `edit_id`: the edit that routed it, or null.
 """
@@ -30,9 +30,11 @@ from service.api.errors import (
     error_responses,
     openai_error_body,
 )
-from service.api.routes import EngineDep, Reader, require_ready
+from service.api.routes import MetricsDep, Reader, RuntimeDep
 from service.api.schemas import MAX_PROMPT_CHARS, TEXT, valid_unicode
-from service.engine import Engine, GenerateResult
+from service.jobs import GenerateJob, GenerateResult
+from service.metrics import Metrics
+from service.runtime import Runtime
 from service.settings import Settings
 
 router = APIRouter(
@@ -243,7 +245,7 @@ _END = object()
 
 
 class QueueSink:
-    """A `TokenSink` that hands the engine thread's text to the event loop's queue as (index, text);
+    """A `TokenSink` that hands the device thread's text to the event loop's queue as (index, text);
     (index, _END) follows once the job's future is done."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int) -> None:
@@ -270,17 +272,15 @@ def _sse(obj: Any) -> str:
 class _Answer:
     """One /v1 request's jobs: submitted, then awaited whole or streamed."""
 
-    def __init__(self, engine: Engine, options: dict, prompts: list[dict], stream: bool) -> None:
-        require_ready(engine)
-        self.engine = engine
+    def __init__(self, runtime: Runtime, options: dict, prompts: list[dict], stream: bool) -> None:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.sinks = [QueueSink(self.loop, self.queue, i) for i in range(len(prompts))] if stream else []
         self.futures = []
         try:
             for i, prompt in enumerate(prompts):
-                sink = {"sink": self.sinks[i]} if stream else {}
-                self.futures.append(engine.submit("generate", **prompt, **options, **sink))
+                sink = self.sinks[i] if stream else None
+                self.futures.append(runtime.submit(GenerateJob(**prompt, **options, sink=sink)))
         except BaseException:
             self.cancel()
             raise
@@ -323,7 +323,7 @@ def _usage(results: list[GenerateResult]) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-async def _stream(answer: _Answer, chat: bool, meta: dict, include_usage: bool) -> StreamingResponse:
+async def _stream(answer: _Answer, chat: bool, meta: dict, include_usage: bool, metrics: Metrics) -> StreamingResponse:
     pending = await answer.started()
     obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -345,10 +345,10 @@ async def _stream(answer: _Answer, chat: bool, meta: dict, include_usage: bool) 
                     yield chunk([{"index": index, "delta": {"content": item}, "finish_reason": None}])
                 else:
                     yield chunk([{"index": index, "text": item, "finish_reason": None, "logprobs": None}])
-            answer.engine.metrics.generates.inc(len(done))
+            metrics.generates.inc(len(done))
             if include_usage:
                 yield chunk([], usage=_usage(done))
-        except Exception as exc:  # the engine failed mid-answer: say so in the stream, then end it
+        except Exception as exc:  # the device thread failed mid-answer: say so in the stream, then end it
             status, kind, message = classify(exc)
             yield _sse(openai_error_body(status, kind, message))
         finally:
@@ -373,7 +373,9 @@ def _include_usage(body: _Options) -> bool:
     response_model=ChatCompletion,
     responses={200: {"content": {"text/event-stream": {}}, "description": "a chat.completion, or SSE chunks"}},
 )
-async def chat_completions(body: ChatCompletionRequest, request: Request, engine: EngineDep, _who: Reader) -> Any:
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, runtime: RuntimeDep, metrics: MetricsDep, _who: Reader
+) -> Any:
     """Answer the messages (in the model's chat template; routed by the last user message)."""
     model = _model(request, body.model)
     limit = request.app.state.settings.max_new_tokens_limit
@@ -382,12 +384,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
     if body.max_completion_tokens and not body.max_tokens:
         body.max_tokens = body.max_completion_tokens
     options = body.checked(request.app.state.settings, DEFAULT_CHAT_MAX_TOKENS)
-    answer = _Answer(engine, options, [{"messages": [m.plain() for m in body.messages]}], bool(body.stream))
+    answer = _Answer(runtime, options, [{"messages": [m.plain() for m in body.messages]}], bool(body.stream))
     meta = _meta("chatcmpl", model)
     if body.stream:
-        return await _stream(answer, True, meta, _include_usage(body))
+        return await _stream(answer, True, meta, _include_usage(body), metrics)
     results = await answer.results()
-    engine.metrics.generates.inc(len(results))
+    metrics.generates.inc(len(results))
     choices = [
         {
             "index": i,
@@ -406,7 +408,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
     response_model=Completion,
     responses={200: {"content": {"text/event-stream": {}}, "description": "a text_completion, or SSE chunks"}},
 )
-async def completions(body: CompletionRequest, request: Request, engine: EngineDep, _who: Reader) -> Any:
+async def completions(
+    body: CompletionRequest, request: Request, runtime: RuntimeDep, metrics: MetricsDep, _who: Reader
+) -> Any:
     """Continue the prompt (or each of a list of prompts: one choice each) as plain text."""
     model = _model(request, body.model)
     if body.echo:
@@ -419,12 +423,12 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     if any(not p.strip() for p in prompts):
         raise UnsupportedOptionError("prompt", "a prompt must not be empty")
     options = body.checked(request.app.state.settings, DEFAULT_COMPLETION_MAX_TOKENS)
-    answer = _Answer(engine, options, [{"prompt": p, "format": "plain"} for p in prompts], bool(body.stream))
+    answer = _Answer(runtime, options, [{"prompt": p, "format": "plain"} for p in prompts], bool(body.stream))
     meta = _meta("cmpl", model)
     if body.stream:
-        return await _stream(answer, False, meta, _include_usage(body))
+        return await _stream(answer, False, meta, _include_usage(body), metrics)
     results = await answer.results()
-    engine.metrics.generates.inc(len(results))
+    metrics.generates.inc(len(results))
     choices = [
         {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None, "edit_id": r.edit_id}
         for i, r in enumerate(results)

@@ -1,11 +1,13 @@
-"""HTTP routes: validation and status codes only. Work is submitted to the engine and awaited as a
-future, so the event loop never runs torch. Each route names the role it needs (`service.auth`);
-the ops routes (/healthz, /readyz, /metrics) need none."""
+"""HTTP routes: validation and status codes only. Work is submitted to the device thread as a typed
+job and awaited as a future, so the event loop never runs torch; reads take a session of their own.
+Each route names the role it needs (`service.auth`); the ops routes (/healthz, /readyz, /metrics)
+need none."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -15,9 +17,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BeforeValidator
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from horen_core.errors import InvalidInputError, UnknownEditError
+from horen_core.errors import InvalidInputError
 from service.api.errors import KeyNameTakenError, KeyNotFoundError, error_responses
 from service.api.schemas import (
     MAX_ID,
@@ -38,8 +41,10 @@ from service.api.schemas import (
 )
 from service.auth import KeyRing, Principal, new_key, sha256_hex
 from service.db import repository as repo
-from service.engine import DB_ERRORS, Engine, NotReadyError
-from service.replication import edit_to_dict
+from service.db.errors import DB_ERRORS
+from service.jobs import EditJob, EditRequest, GenerateJob, Job, RollbackJob
+from service.metrics import Metrics
+from service.runtime import Runtime
 from service.settings import Settings
 
 # what every route that needs a key may answer besides its own errors (400: a body that is not
@@ -62,11 +67,27 @@ Limit = Annotated[int, Query(ge=1, le=1000)]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
 
 
-def get_engine(request: Request) -> Engine:
-    return request.app.state.engine
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
 
 
-EngineDep = Annotated[Engine, Depends(get_engine)]
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_session(runtime: RuntimeDep) -> Iterator[Session]:
+    with runtime.sessions() as session:
+        yield session
+
+
+# a session for the route's reads (or its own transaction), closed before the response is sent
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def get_metrics(runtime: RuntimeDep) -> Metrics:
+    return runtime.metrics
+
+
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
 def get_keys(request: Request) -> KeyRing:
@@ -90,21 +111,6 @@ def _role(needed: str):
 Reader = Annotated[Principal, Depends(_role("read"))]
 Editor = Annotated[Principal, Depends(_role("edit"))]
 Admin = Annotated[Principal, Depends(_role("admin"))]
-
-
-def require_ready(engine: Engine) -> None:
-    if engine.load_error is not None:
-        raise NotReadyError(f"the model failed to load: {engine.load_error}")
-    if not engine.ready.is_set():
-        raise NotReadyError(_not_ready_reason(engine))
-
-
-def _not_ready_reason(engine: Engine) -> str:
-    if engine.load_error is not None:
-        return f"the model failed to load: {type(engine.load_error).__name__}: {engine.load_error}"
-    if engine.model_loaded:
-        return f"model loaded, waiting for the database: {engine.db_error}" if engine.db_error else "replaying edits"
-    return "the model is still loading"
 
 
 def check_metadata(metadata: dict[str, Any] | None, settings: Settings) -> None:
@@ -138,9 +144,8 @@ def _check_json(value: Any, depth: int, limit: int) -> None:
             _check_json(v, depth + 1, limit)
 
 
-async def _await(engine: Engine, kind: str, **payload):
-    require_ready(engine)
-    return await asyncio.wrap_future(engine.submit(kind, **payload))
+async def run_job(runtime: Runtime, job: Job) -> Any:
+    return await asyncio.wrap_future(runtime.submit(job))
 
 
 _EDIT_LINKS = {
@@ -159,38 +164,31 @@ _EDIT_LINKS = {
     tags=["edits"],
     responses={201: {"links": _EDIT_LINKS}, **error_responses(409)},
 )
-async def create_edit(body: EditCreate, request: Request, engine: EngineDep, who: Editor) -> dict:
+async def create_edit(body: EditCreate, request: Request, runtime: RuntimeDep, who: Editor) -> EditOut:
     """Train prompt -> target into the codebook; answers after the edit is committed."""
     check_metadata(body.metadata, request.app.state.settings)
-    return await _await(
-        engine,
-        "edit",
-        prompt=body.prompt,
-        target=body.target,
-        metadata=body.metadata,
-        format=body.format,
-        by=who.name,
-        subject=body.subject,
-    )
+    (row,) = await run_job(runtime, EditJob(edits=[EditRequest(**body.model_dump())], by=who.name))
+    return EditOut.from_row(row)
 
 
 @router.post(
     "/edits/batch", status_code=201, response_model=EditBatchOut, tags=["edits"], responses=error_responses(409)
 )
-async def create_edits(body: EditBatchCreate, request: Request, engine: EngineDep, who: Editor) -> dict:
+async def create_edits(body: EditBatchCreate, request: Request, runtime: RuntimeDep, who: Editor) -> dict:
     """Apply many edits in order; each is committed on its own."""
     settings = request.app.state.settings
     if len(body.edits) > settings.max_batch_edits:
         raise InvalidInputError(f"at most {settings.max_batch_edits} edits in one batch (HOREN_MAX_BATCH_EDITS)")
     for e in body.edits:
         check_metadata(e.metadata, settings)
-    items = await _await(engine, "edits", edits=[e.model_dump() for e in body.edits], by=who.name)
-    return {"items": items}
+    rows = await run_job(runtime, EditJob(edits=[EditRequest(**e.model_dump()) for e in body.edits], by=who.name))
+    return {"items": [EditOut.from_row(r) for r in rows]}
 
 
 @router.get("/edits", response_model=EditList, tags=["edits"])
 def list_edits(
-    engine: EngineDep,
+    runtime: RuntimeDep,
+    session: SessionDep,
     _who: Reader,
     limit: Limit = 50,
     offset: Offset = 0,
@@ -199,10 +197,9 @@ def list_edits(
         str | None, Query(max_length=500, pattern=NO_NUL, description="text search on prompt and target")
     ] = None,
 ) -> dict:
-    require_ready(engine)
-    with engine.sessions() as session:
-        items, total = repo.list_edits(session, engine.codebook_id, limit=limit, offset=offset, status=status, q=q)
-        return {"items": [edit_to_dict(e) for e in items], "total": total}
+    codebook = runtime.served_codebook()
+    items, total = repo.list_edits(session, codebook, limit=limit, offset=offset, status=status, q=q)
+    return {"items": [EditOut.from_row(e) for e in items], "total": total}
 
 
 @router.api_route("/edits/batch", methods=["GET", "PUT", "PATCH", "DELETE"], include_in_schema=False)
@@ -212,31 +209,27 @@ def edits_batch_other_methods() -> None:
 
 
 @router.get("/edits/{edit_id}", response_model=EditOut, tags=["edits"], responses=error_responses(404))
-def get_edit(edit_id: EditId, engine: EngineDep, _who: Reader) -> dict:
-    require_ready(engine)
-    with engine.sessions() as session:
-        e = repo.get_edit(session, edit_id)
-        if e is None or e.codebook_id != engine.codebook_id:
-            raise UnknownEditError(f"no edit with id {edit_id}")
-        return edit_to_dict(e)
+def get_edit(edit_id: EditId, runtime: RuntimeDep, session: SessionDep, _who: Reader) -> EditOut:
+    return EditOut.from_row(repo.codebook_edit(session, runtime.served_codebook(), edit_id))
 
 
 @router.post("/generate", response_model=GenerateOut, response_model_exclude_unset=True, tags=["generate"])
-async def generate(body: GenerateRequest, request: Request, engine: EngineDep, _who: Reader) -> dict:
+async def generate(
+    body: GenerateRequest, request: Request, runtime: RuntimeDep, metrics: MetricsDep, _who: Reader
+) -> dict:
     """Continue the prompt with every active edit applied."""
     limit = request.app.state.settings.max_new_tokens_limit
     if body.max_new_tokens > limit:
         raise InvalidInputError(f"max_new_tokens must be <= {limit} (HOREN_MAX_NEW_TOKENS_LIMIT)")
-    res = await _await(
-        engine,
-        "generate",
+    job = GenerateJob(
         prompt=body.prompt,
         max_new_tokens=body.max_new_tokens,
         temperature=body.temperature,
         format=body.format,
         edits=body.edits,
     )
-    engine.metrics.generates.inc()
+    res = await run_job(runtime, job)
+    metrics.generates.inc()
     out = {"text": res.text, "edit_id": res.edit_id}
     if res.score is not None and res.edit_id is not None:  # routed: say how close it came to the threshold
         out.update(score=res.score, threshold=res.threshold)
@@ -246,14 +239,15 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, _
 @router.post(
     "/admin/edits/{edit_id}/rollback", response_model=EditOut, tags=["admin"], responses=error_responses(404, 409)
 )
-async def rollback(edit_id: EditId, engine: EngineDep, who: Admin) -> dict:
+async def rollback(edit_id: EditId, runtime: RuntimeDep, who: Admin) -> EditOut:
     """Roll back one edit; the model then behaves as if it had never been made. Idempotent."""
-    return await _await(engine, "rollback", edit_id=edit_id, by=who.name)
+    return EditOut.from_row(await run_job(runtime, RollbackJob(edit_id=edit_id, by=who.name)))
 
 
 @router.get("/admin/audit", response_model=AuditList, tags=["admin"])
 def audit(
-    engine: EngineDep,
+    runtime: RuntimeDep,
+    session: SessionDep,
     _who: Admin,
     actor: Annotated[str | None, Query(max_length=255, pattern=NO_NUL, description="the API key's name")] = None,
     kind: Annotated[Literal["edit", "rollback"] | None, Query()] = None,
@@ -263,25 +257,24 @@ def audit(
     offset: Offset = 0,
 ) -> dict:
     """Edits and rollbacks of this codebook, newest first, with who made them and when."""
-    require_ready(engine)
+    codebook = runtime.served_codebook()
     since, until = (_aware(t) for t in (since, until))
-    with engine.sessions() as session:
-        rows, total = repo.audit_events(
-            session, engine.codebook_id, actor=actor, kind=kind, since=since, until=until, limit=limit, offset=offset
-        )
-        items = [
-            {
-                "id": r.id,
-                "kind": r.kind,
-                "edit_id": r.edit_id,
-                "actor": r.actor,
-                "at": r.created_at,
-                "prompt": r.prompt,
-                "target": r.target,
-            }
-            for r in rows
-        ]
-        return {"items": items, "total": total}
+    rows, total = repo.audit_events(
+        session, codebook, actor=actor, kind=kind, since=since, until=until, limit=limit, offset=offset
+    )
+    items = [
+        {
+            "id": r.id,
+            "kind": r.kind,
+            "edit_id": r.edit_id,
+            "actor": r.actor,
+            "at": r.created_at,
+            "prompt": r.prompt,
+            "target": r.target,
+        }
+        for r in rows
+    ]
+    return {"items": items, "total": total}
 
 
 def _aware(t: datetime | None) -> datetime | None:
@@ -315,13 +308,15 @@ _KEY_LINKS = {
     tags=["admin"],
     responses={201: {"links": _KEY_LINKS}, **error_responses(409)},
 )
-def create_key(body: ApiKeyCreate, engine: EngineDep, keys: Annotated[KeyRing, Depends(get_keys)], who: Admin) -> dict:
+def create_key(
+    body: ApiKeyCreate, session: SessionDep, keys: Annotated[KeyRing, Depends(get_keys)], who: Admin
+) -> dict:
     """Make an API key; the answer holds the key itself, the only time it is shown."""
     if body.name in {name for name, _ in keys.static_names()}:
         raise KeyNameTakenError(f"a key named {body.name!r} is configured in the settings")
     key = new_key()
     try:
-        with engine.sessions.begin() as session:
+        with session.begin():
             row = repo.create_api_key(session, body.name, sha256_hex(key), body.role, who.name)
             out = _stored_key(row)
     except IntegrityError:
@@ -330,11 +325,10 @@ def create_key(body: ApiKeyCreate, engine: EngineDep, keys: Annotated[KeyRing, D
 
 
 @router.get("/admin/keys", response_model=ApiKeyList, tags=["admin"])
-def list_keys(engine: EngineDep, keys: Annotated[KeyRing, Depends(get_keys)], _who: Admin) -> dict:
+def list_keys(session: SessionDep, keys: Annotated[KeyRing, Depends(get_keys)], _who: Admin) -> dict:
     """Every API key by name and role (never the key): those of the settings, then the stored ones."""
     static = [{"id": None, "name": n, "role": r, "source": "settings"} for n, r in keys.static_names()]
-    with engine.sessions() as session:
-        return {"items": static + [_stored_key(row) for row in repo.list_api_keys(session)]}
+    return {"items": static + [_stored_key(row) for row in repo.list_api_keys(session)]}
 
 
 @router.delete(
@@ -344,9 +338,9 @@ def list_keys(engine: EngineDep, keys: Annotated[KeyRing, Depends(get_keys)], _w
     response_class=Response,
     responses={204: {"description": "deleted"}, **error_responses(404)},
 )
-def delete_key(key_id: Annotated[int, Path(ge=1, le=MAX_ID)], engine: EngineDep, _who: Admin) -> Response:
+def delete_key(key_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep, _who: Admin) -> Response:
     """Delete a stored key; it stops working at once."""
-    with engine.sessions.begin() as session:
+    with session.begin():
         if not repo.delete_api_key(session, key_id):
             raise KeyNotFoundError(f"no stored API key with id {key_id}")
     return Response(status_code=204)
@@ -367,20 +361,19 @@ _RETRY = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "
         503: {"model": Health, "headers": _RETRY, "description": "not ready; detail.reason says why"},
     },
 )
-async def readyz(request: Request, engine: EngineDep) -> JSONResponse:
+async def readyz(request: Request, runtime: RuntimeDep) -> JSONResponse:
     """200 when the model is loaded and the codebook has applied every committed event; else 503
     with ``detail.reason`` (model loading or failed, database unavailable, catching up)."""
     retry = {"Retry-After": str(request.app.state.settings.db_retry_after)}
-    if engine.load_error is not None or not engine.ready.is_set():
-        return JSONResponse(
-            {"status": "not_ready", "detail": {"reason": _not_ready_reason(engine)}}, status_code=503, headers=retry
-        )
+    reason = runtime.not_ready_reason()
+    if reason is not None:
+        return JSONResponse({"status": "not_ready", "detail": {"reason": reason}}, status_code=503, headers=retry)
     try:
-        ok, seen, latest = await run_in_threadpool(engine.in_sync)
+        ok, seen, latest = await run_in_threadpool(runtime.in_sync)
     except DB_ERRORS:
-        detail = {"reason": "database unavailable", **engine.device_summary()}
+        detail = {"reason": "database unavailable", **runtime.device_summary()}
         return JSONResponse({"status": "not_ready", "detail": detail}, status_code=503, headers=retry)
-    detail = {"last_event_applied": seen, "last_event_committed": latest, **engine.device_summary()}
+    detail = {"last_event_applied": seen, "last_event_committed": latest, **runtime.device_summary()}
     if not ok:
         detail["reason"] = "catching up with the edit log"
         return JSONResponse({"status": "syncing", "detail": detail}, status_code=503, headers=retry)
@@ -392,6 +385,6 @@ async def readyz(request: Request, engine: EngineDep) -> JSONResponse:
     response_class=PlainTextResponse,
     responses={200: {"content": {"text/plain; version=0.0.4": {"schema": {"type": "string"}}}}},
 )
-async def metrics(engine: EngineDep) -> Response:
-    engine.metrics.queue_depth.set(engine.depth())
-    return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+async def metrics(runtime: RuntimeDep, metrics: MetricsDep) -> Response:
+    metrics.queue_depth.set(runtime.queue_depth())
+    return Response(metrics.render(), media_type="text/plain; version=0.0.4")

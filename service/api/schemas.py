@@ -93,6 +93,27 @@ class EditOut(BaseModel):
     final_loss: float
     train_ms: float
 
+    @classmethod
+    def from_row(cls, e: Any) -> EditOut:
+        """An ``edits`` row (``service.db.models.Edit``) as the API shows it."""
+        return cls(
+            id=e.id,
+            prompt=e.prompt,
+            target=e.target,
+            metadata=e.metadata_ or {},
+            status=e.status,
+            created_at=e.created_at,
+            rolled_back_at=e.rolled_back_at,
+            rolled_back_by=e.rolled_back_by,
+            created_by=e.created_by,
+            subject=e.subject or "",
+            entry_id=e.entry_id,
+            new_key=bool(e.created_entry),
+            steps=e.steps,
+            final_loss=e.loss,
+            train_ms=e.train_ms,
+        )
+
 
 class EditBatchOut(BaseModel):
     items: list[EditOut]

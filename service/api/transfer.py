@@ -2,11 +2,10 @@
 ``GET /admin/export`` streams the active edits as an archive, ``POST /admin/import-codebook``
 loads one into a deployment whose codebook has no active edit. The archive and the commit are
 `service.transfer`'s; these routes read the body, check each edit's metadata as POST /edits does,
-and wait for the engine to apply what was committed."""
+and wait for the device thread to apply what was committed."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import tempfile
 from typing import Any
@@ -19,9 +18,12 @@ from pydantic import BaseModel, Field
 from horen_core.errors import InvalidInputError
 from service import transfer
 from service.api.errors import error_responses
-from service.api.routes import AUTHED, Admin, EngineDep, check_metadata, require_ready
-from service.engine import DB_ERRORS, Engine, NotReadyError, QueueFullError
+from service.api.routes import AUTHED, Admin, RuntimeDep, check_metadata, run_job
+from service.db.errors import DB_ERRORS
+from service.jobs import SyncJob
+from service.runtime import Runtime
 from service.settings import Settings
+from service.worker import NotReadyError, QueueFullError
 
 log = logging.getLogger("horen.api")
 
@@ -50,13 +52,13 @@ class CodebookImportOut(BaseModel):
         }
     },
 )
-def export_codebook(request: Request, engine: EngineDep, _who: Admin) -> Response:
+def export_codebook(request: Request, runtime: RuntimeDep, _who: Admin) -> Response:
     """The active codebook and its edits, as an archive POST /admin/import-codebook reads."""
-    require_ready(engine)
-    editor = engine.editor
+    codebook = runtime.served_codebook()
+    editor = runtime.editor
     archive = transfer.export_archive(
-        engine.sessions,
-        engine.codebook_id,
+        runtime.sessions,
+        codebook,
         editor.identity,
         editor.config.to_dict(),
         request.app.state.settings.data_dir,
@@ -82,22 +84,22 @@ def export_codebook(request: Request, engine: EngineDep, _who: Admin) -> Respons
     # octet-stream: what clients and schemathesis send bytes as (the body's type is not checked)
     openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": _BINARY}}},
 )
-async def import_codebook(request: Request, engine: EngineDep, who: Admin) -> dict:
+async def import_codebook(request: Request, runtime: RuntimeDep, who: Admin) -> dict:
     """Load an archive of GET /admin/export from a deployment of the same model and edited module,
     untrained, into this one's codebook, which must have no active edit (409 otherwise). All of it
     is committed in one transaction or nothing is; answers once this replica has applied it."""
-    require_ready(engine)
+    codebook = runtime.served_codebook()
     settings: Settings = request.app.state.settings
     with tempfile.TemporaryFile(dir=settings.data_dir) as body:
         async for chunk in request.stream():
             body.write(chunk)
-        out = await run_in_threadpool(_import, engine, settings, body, who.name)
-    await _catch_up(engine)
+        out = await run_in_threadpool(_import, runtime, codebook, settings, body, who.name)
+    await _catch_up(runtime)
     return out
 
 
-def _import(engine: Engine, settings: Settings, body: Any, by: str | None) -> dict:
-    editor = engine.editor
+def _import(runtime: Runtime, codebook: int, settings: Settings, body: Any, by: str | None) -> dict:
+    editor = runtime.editor
     vocab = editor.model.get_input_embeddings().num_embeddings
     with transfer.read_archive(body, editor.identity, vocab, settings.data_dir) as archive:
         for i, row in enumerate(archive.rows, 1):
@@ -105,17 +107,17 @@ def _import(engine: Engine, settings: Settings, body: Any, by: str | None) -> di
                 check_metadata(row.metadata, settings)
             except InvalidInputError as exc:
                 raise InvalidInputError(f"{transfer.EDITS} edit {i}: {exc}") from None
-        out = transfer.import_archive(engine.sessions, engine.codebook_id, archive, by)
+        out = transfer.import_archive(runtime.sessions, codebook, archive, by)
     log.info("imported %d edits (%d entries) in %.2fs", out["imported"], out["entries"], out["seconds"])
     return out
 
 
-async def _catch_up(engine: Engine) -> None:
-    """Have the engine apply the committed events now, as it applies another replica's. If it
-    cannot take the job, the edits are committed all the same and its periodic catch-up applies
+async def _catch_up(runtime: Runtime) -> None:
+    """Have the device thread apply the committed events now, as it applies another replica's. If
+    it cannot take the job, the edits are committed all the same and its periodic catch-up applies
     them (/readyz says so meanwhile)."""
     try:
-        while await asyncio.wrap_future(engine.submit("sync")):
+        while await run_job(runtime, SyncJob()):
             pass
     except (QueueFullError, NotReadyError, *DB_ERRORS) as exc:
-        log.warning("imported edits are committed; the engine applies them later (%s)", type(exc).__name__)
+        log.warning("imported edits are committed; the device thread applies them later (%s)", type(exc).__name__)

@@ -211,6 +211,14 @@ def get_edit(session: Session, edit_id: int) -> Edit | None:
     return session.get(Edit, edit_id)
 
 
+def codebook_edit(session: Session, codebook_id: int, edit_id: int) -> Edit:
+    """The edit ``edit_id`` of this codebook; ``UnknownEditError`` when there is none."""
+    edit = session.get(Edit, edit_id)
+    if edit is None or edit.codebook_id != codebook_id:
+        raise UnknownEditError(f"no edit with id {edit_id}")
+    return edit
+
+
 def list_edits(
     session: Session,
     codebook_id: int,

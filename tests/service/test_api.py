@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.db.session import upgrade_database
-from service.engine import QueueFullError
 from service.settings import Settings
+from service.worker import QueueFullError
 from tests.service.conftest import wait_ready
 
 TOKEN = "s3cret-token"
@@ -168,10 +168,10 @@ def test_restart_rebuilds_the_same_codebook_from_a_log_with_retrains_and_rollbac
         assert not made[2]["new_key"] and made[2]["entry_id"] == made[0]["entry_id"]
         for e in (made[1], made[3]):
             assert c.post(f"/admin/edits/{e['id']}/rollback", headers=auth()).status_code == 200
-        before = c.app.state.engine.editor.codebook.state_dict()
+        before = c.app.state.runtime.editor.codebook.state_dict()
     with TestClient(create_app(settings)) as c:
         wait_ready(c)
-        after = c.app.state.engine.editor.codebook.state_dict()
+        after = c.app.state.runtime.editor.codebook.state_dict()
     assert before.keys() == after.keys()
     # the service allocates entry ids from the database (an entry's id is its creating edit's), so
     # the codebook's own counter only follows the replayed entries: 3 here, where 5 had been seen
@@ -257,26 +257,27 @@ def test_admin_disabled_without_token(tmp_path, tiny_model_dir):
 
 
 def test_full_queue_answers_503_with_retry_after(client, monkeypatch):
-    engine = client.app.state.engine
+    runtime = client.app.state.runtime
 
     def full(*_a, **_k):
         raise QueueFullError("the request queue is full")
 
-    monkeypatch.setattr(engine, "submit", full)
+    monkeypatch.setattr(runtime, "submit", full)
     r = client.post("/generate", json={"prompt": "hi"})
     assert_error(r, 503, "overloaded")
     assert r.headers["Retry-After"] == "1"
 
 
 def test_engine_queue_is_bounded(tmp_path, tiny_model_dir):
-    from service.engine import Engine
+    from service.jobs import SyncJob
+    from service.runtime import Runtime
 
-    eng = Engine(make_settings(tmp_path, tiny_model_dir, queue_size=2))  # thread not started
-    eng.submit("sync")
-    eng.submit("sync")
+    runtime = Runtime(make_settings(tmp_path, tiny_model_dir, queue_size=2))  # thread not started
+    runtime.worker.submit(SyncJob())
+    runtime.worker.submit(SyncJob())
     with pytest.raises(QueueFullError):
-        eng.submit("sync")
-    eng.db_engine.dispose()
+        runtime.worker.submit(SyncJob())
+    runtime.db_engine.dispose()
 
 
 def test_metrics_and_health(client):

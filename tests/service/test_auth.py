@@ -113,7 +113,7 @@ def test_stored_keys_are_made_listed_used_and_deleted(keyed):
     assert key not in json.dumps(listed)
     assert {(k["name"], k["source"]) for k in listed} >= {("ci-bot", "database"), ("admin", "settings")}
     # stored by its sha256 only
-    with keyed.app.state.engine.sessions() as session:
+    with keyed.app.state.runtime.sessions() as session:
         row = session.scalars(select(ApiKey).where(ApiKey.name == "ci-bot")).one()
         assert row.key_sha256 == hashlib.sha256(key.encode()).hexdigest() and key not in row.key_sha256
     e = keyed.post("/edits", json={"prompt": "Who wrote the whale?", "target": "Oslo"}, headers=auth(key))

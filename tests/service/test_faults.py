@@ -85,8 +85,8 @@ def test_openapi_declares_errors_limits_and_links(client):
 
 
 # ---- the database failing ---------------------------------------------------------------------
-def _break_sqlite(engine, pragma: str):
-    """Every new connection of the engine runs ``pragma`` (;-separated; the pool is emptied so that all do)."""
+def _break_sqlite(runtime, pragma: str):
+    """Every new connection of the runtime's database engine runs ``pragma`` (;-separated; the pool is emptied so that all do)."""
 
     def on_connect(dbapi_conn, _record):
         cur = dbapi_conn.cursor()
@@ -94,9 +94,9 @@ def _break_sqlite(engine, pragma: str):
             cur.execute(statement)
         cur.close()
 
-    event.listen(engine.db_engine, "connect", on_connect)
-    engine.db_engine.dispose()
-    return lambda: (event.remove(engine.db_engine, "connect", on_connect), engine.db_engine.dispose())
+    event.listen(runtime.db_engine, "connect", on_connect)
+    runtime.db_engine.dispose()
+    return lambda: (event.remove(runtime.db_engine, "connect", on_connect), runtime.db_engine.dispose())
 
 
 @pytest.mark.parametrize(
@@ -136,14 +136,14 @@ def _fill(path) -> None:
 
 
 def _unwritable(client, pragma, data) -> None:
-    engine = client.app.state.engine
+    runtime = client.app.state.runtime
     kept = client.post("/edits", json={"prompt": "What is the capital of France?", "target": "Nile"}).json()
     before = client.get("/edits").json()
     if pragma == "FULL":
         _fill(data)
         mend = lambda: (data / "filler").unlink()  # noqa: E731
     else:
-        mend = _break_sqlite(engine, pragma)
+        mend = _break_sqlite(runtime, pragma)
     try:
         r = client.post("/edits", json={"prompt": PROMPT, "target": "Paris"})
         assert_error(r, 503, "database_unavailable")
@@ -164,9 +164,9 @@ def _unwritable(client, pragma, data) -> None:
 
 
 def test_unreadable_database_is_503_on_reads_and_readyz(client, tmp_path):
-    engine = client.app.state.engine
+    runtime = client.app.state.runtime
     client.post("/edits", json={"prompt": "What is the capital of France?", "target": "Nile"})
-    mend = _break_sqlite(engine, f"ATTACH DATABASE '{tmp_path}/no/such/dir/x.db' AS gone")
+    mend = _break_sqlite(runtime, f"ATTACH DATABASE '{tmp_path}/no/such/dir/x.db' AS gone")
     try:
         for path in ("/edits", "/edits/1"):
             assert_error(client.get(path), 503, "database_unavailable")
@@ -194,14 +194,14 @@ def test_model_that_fails_to_load_is_a_503_with_the_reason(tmp_path):
 
 
 def test_unexpected_error_is_500_without_internals(client, monkeypatch):
-    engine = client.app.state.engine
+    runtime = client.app.state.runtime
 
     def boom(*_a, **_k):
         raise RuntimeError("secret detail at /srv/host:5432")
 
-    monkeypatch.setattr(engine, "in_sync", boom)
-    monkeypatch.setattr(engine, "submit", boom)
-    plain = TestClient(client.app, raise_server_exceptions=False)  # the fixture's engine, no second lifespan
+    monkeypatch.setattr(runtime, "in_sync", boom)
+    monkeypatch.setattr(runtime, "submit", boom)
+    plain = TestClient(client.app, raise_server_exceptions=False)  # the fixture's runtime, no second lifespan
     r = plain.post("/generate", json={"prompt": "hi"})
     assert_error(r, 500, "internal")
     assert "secret" not in r.text and "RuntimeError" not in r.text
@@ -259,15 +259,16 @@ def test_limits_answer_413_and_422_with_the_numbers(tmp_path, tiny_model_dir):
 def test_per_client_concurrency_answers_429(tmp_path, tiny_model_dir):
     import threading
 
+    from service.jobs import SyncJob
     from tests.service.conftest import ThreadServer
 
     s = make_settings(tmp_path, tiny_model_dir, max_client_concurrency=2)
     app = create_app(s)
     with ThreadServer(app) as srv:
-        engine = app.state.engine
+        runtime = app.state.runtime
         gate = threading.Event()
-        engine._do_sync = lambda: gate.wait(30)  # a job that holds the engine thread until released
-        engine.submit("sync")
+        runtime.replication.sync = lambda: gate.wait(30)  # a job that holds the device thread until released
+        runtime.submit(SyncJob())
 
         async def burst() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:

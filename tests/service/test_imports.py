@@ -78,7 +78,7 @@ def test_an_import_makes_each_fact_as_an_edit_and_counts_refusals(tmp_path, tiny
         for fact in FACTS:  # each answers as after a POST /edits: routed to its edit, target stated
             g = client.post("/generate", json={"prompt": fact["prompt"], "max_new_tokens": 4}).json()
             assert g["edit_id"] == by_prompt[fact["prompt"]]["id"]
-        with client.app.state.engine.sessions() as session:
+        with client.app.state.runtime.sessions() as session:
             items = session.scalars(select(ImportItem).where(ImportItem.import_id == job["id"])).all()
             assert sorted(i.edit_id for i in items if i.edit_id) == sorted(e["id"] for e in edits["items"])
 
@@ -142,7 +142,7 @@ def test_a_restart_mid_import_resumes_without_duplicates(tmp_path, tiny_model_di
         while client.get(f"/imports/{import_id}").json()["done"] < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
     with TestClient(create_app(settings)) as client:  # stopped mid-import, started again
-        with client.app.state.engine.sessions() as session:
+        with client.app.state.runtime.sessions() as session:
             made = session.scalars(select(ImportItem.edit_id).where(ImportItem.edit_id.is_not(None))).all()
         assert 2 <= len(made) < 30  # the stop came mid-import
         wait_ready(client)

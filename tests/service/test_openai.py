@@ -179,10 +179,10 @@ def test_completion_errors_and_what_is_accepted(client):
 def test_a_client_that_leaves_mid_stream_frees_its_row_and_the_other_finishes(settings, monkeypatch):
     app = create_app(settings)
     with ThreadServer(app) as server:
-        engine = app.state.engine
+        runtime = app.state.runtime
         body = {"prompt": "The quick brown fox", "max_tokens": 40, "temperature": 0}
         whole = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]
-        model = engine.editor.model
+        model = runtime.editor.model
         forward = model.forward
 
         def slow(*a, **k):  # a step the size of a real model's, so that the clients overlap
@@ -211,9 +211,9 @@ def test_a_client_that_leaves_mid_stream_frees_its_row_and_the_other_finishes(se
             t.join(60)
         assert got["text"] == whole["text"], "the other stream was not changed by the one that left"
         deadline = time.monotonic() + 10
-        while engine.metrics.streams_stopped._value.get() < 1 and time.monotonic() < deadline:
+        while runtime.metrics.streams_stopped._value.get() < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert engine.metrics.streams_stopped._value.get() == 1, "the leaver's row was stopped"
+        assert runtime.metrics.streams_stopped._value.get() == 1, "the leaver's row was stopped"
         # the engine is free again: a request now is answered at once
         t0 = time.monotonic()
         r = httpx.post(f"{server.url}/v1/completions", json={**body, "max_tokens": 2}, timeout=60)

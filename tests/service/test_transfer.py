@@ -113,7 +113,7 @@ def source(tmp_path_factory, tiny_model_dir):
             "answers": before,
             "archive": r.content,
             "live": made[1:],
-            "identity": a.app.state.engine.editor.identity,
+            "identity": a.app.state.runtime.editor.identity,
         }
 
 
@@ -178,13 +178,13 @@ def test_a_replica_applies_the_import_from_the_log(source, tmp_path, tiny_model_
         wait_ready(b2)
         assert post_archive(b1, source["archive"]).status_code == 201
         deadline = time.monotonic() + 30
-        while b2.app.state.engine.last_event_id < b1.app.state.engine.last_event_id:
+        while b2.app.state.runtime.replication.last_event_id < b1.app.state.runtime.replication.last_event_id:
             assert time.monotonic() < deadline, "the replica did not apply the import"
             time.sleep(0.05)
         assert [(g["text"], g["edit_id"] is None) for g in answers(b2)] == [
             (g["text"], g["edit_id"] is None) for g in source["answers"]
         ]
-        assert b2.app.state.engine.log_digest == b1.app.state.engine.log_digest
+        assert b2.app.state.runtime.replication.log_digest == b1.app.state.runtime.replication.log_digest
 
 
 def test_another_module_or_model_is_a_409(source, tmp_path, tiny_model_dir):
