@@ -19,7 +19,7 @@ Scenarios:
                               for root, through descriptors already open) under load, then writable
   full                        a full disk (a 16 MB tmpfs) under the SQLite file, then space again
 
-PostgreSQL is a cluster of the script's own (initdb/pg_ctl on a free port, tests/e2e/scratch_pg.py),
+PostgreSQL is a cluster of the script's own (initdb/pg_ctl on a free port, bench/scratch_pg.py),
 never the machine's. read-only and full need root (chattr on a filesystem that has it, a tmpfs).
 
     .venv/bin/python bench/faults.py [--kills 10] [--outage 3] [--model PATH] [--only db,full]
@@ -49,8 +49,8 @@ from sqlalchemy import create_engine, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.e2e.conftest import TINY_HOREN, Server  # noqa: E402
-from tests.e2e.scratch_pg import ScratchPostgres, unavailable_reason  # noqa: E402
+from bench.common import TINY_HOREN, Server, build_tiny_model_dir  # noqa: E402
+from bench.scratch_pg import ScratchPostgres, unavailable_reason  # noqa: E402
 
 # what no response body may name: drivers, tracebacks, addresses, file paths
 INTERNALS = re.compile(
@@ -477,8 +477,6 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="horen-faults-"))
     args.tiny = args.model is None
     if args.tiny:
-        from tests.service.conftest import build_tiny_model_dir
-
         args.model = str(build_tiny_model_dir(root / "tiny", max_positions=256, chat=True))
     pg_missing = unavailable_reason()
     rows = []

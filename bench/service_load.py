@@ -39,7 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.e2e.conftest import Server  # noqa: E402  (the same server harness the e2e tests use)
+from bench.common import Server  # noqa: E402  (the same server harness the e2e tests use)
 
 PROMPTS = [
     "nq question: who sang the theme song for the fresh prince of bel air",

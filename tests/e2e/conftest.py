@@ -1,96 +1,18 @@
-"""Real server processes on free ports, with the real default model (or the tiny random one of
-tests/service), on SQLite or PostgreSQL."""
+"""Real server processes on free ports (`bench.common.Server`), with the real default model (or the
+tiny random one of tests/service), on SQLite or PostgreSQL."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from bench.common import TINY_HOREN, Server, build_tiny_model_dir
+from bench.scratch_pg import ScratchPostgres, unavailable_reason
+
 PG_ADMIN = os.environ.get("HOREN_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-TOKEN = "e2e-admin-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(
-        self,
-        db_url: str,
-        data_dir: Path,
-        log_path: Path,
-        device: str = "cpu",
-        model: str | None = None,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.db_url, self.data_dir, self.log_path = db_url, data_dir, log_path
-        self.device, self.model = device, model  # model None: the bundled default
-        self.env = dict(env or {})  # more HOREN_ settings
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 180.0) -> Server:
-        self.port = free_port()
-        env = {
-            **os.environ,
-            "HOREN_DATABASE_URL": self.db_url,
-            "HOREN_DATA_DIR": str(self.data_dir),
-            "HOREN_CONVERTED_DIR": str(REPO / ".horen" / "converted"),
-            "HOREN_ADMIN_TOKEN": TOKEN,
-            "HOREN_DEVICE": self.device,
-            "HOREN_SYNC_INTERVAL": "0.5",
-        }
-        if self.model:
-            env["HOREN_MODEL"] = self.model
-        env.update(self.env)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--log-level", "warning"],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited early:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"server not ready in {timeout}s:\n{self.log_path.read_text()[-3000:]}")
-
-    def stop(self, kill: bool = False) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=120)
 
 
 def _pg_available() -> bool:
@@ -127,14 +49,8 @@ def database_url(request, tmp_path):
     return request.getfixturevalue("pg_database_url")
 
 
-# method settings that make the tiny model learn an edit in a fraction of a second
-TINY_HOREN = '{"layer": 1, "max_steps": 60, "lr": 0.5, "stop_loss": 1.0}'
-
-
 @pytest.fixture(scope="session")
 def e2e_tiny_model_dir(tmp_path_factory) -> Path:
-    from tests.service.conftest import build_tiny_model_dir
-
     return build_tiny_model_dir(tmp_path_factory.mktemp("e2e-tiny"), max_positions=256, chat=True)
 
 
@@ -158,9 +74,7 @@ def make_tiny_server(tmp_path, e2e_tiny_model_dir):
 
 @pytest.fixture()
 def scratch_pg():
-    """A PostgreSQL cluster of this test's own (tests/e2e/scratch_pg.py), free to stop and start."""
-    from tests.e2e.scratch_pg import ScratchPostgres, unavailable_reason
-
+    """A PostgreSQL cluster of this test's own (bench/scratch_pg.py), free to stop and start."""
     why = unavailable_reason()
     if why:
         pytest.skip(f"no scratch PostgreSQL: {why}")

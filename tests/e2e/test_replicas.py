@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.conftest import TOKEN
+from bench.common import TOKEN
 
 pytestmark = [pytest.mark.server, pytest.mark.postgres, pytest.mark.real_model]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.conftest import TOKEN
+from bench.common import TOKEN
 
 pytestmark = [pytest.mark.server, pytest.mark.real_model]
 
