@@ -469,9 +469,13 @@ class Codebook:
         fresh.generation = self.generation + 1
         self.__dict__.update(fresh.__dict__)
 
-    def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    def save(
+        self, path: str | Path, metadata: dict[str, str] | None = None, extra: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Write the state (and ``extra`` tensors beside it, which ``load`` ignores) as safetensors."""
         meta = {"horen_codebook": "1", **(metadata or {})}
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata=meta)
+        tensors = {**(extra or {}), **self.state_dict()}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
 
     @staticmethod
     def read_metadata(path: str | Path) -> dict[str, str]:

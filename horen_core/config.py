@@ -42,6 +42,9 @@ class HorenConfig:
     stop_loss: float = 0.05
     # also train every edit in the tokenizer's chat template, so one edit answers in both formats
     chat_context: bool = True
+    # route a prompt to an edit only when it asks the edit's relation too (horen_core.gate), where
+    # a fitted gate exists for the model
+    relation_gate: bool = True
     # the paper's public procedure: fixed max_steps, full-model forward/backward, no early stop
     reference_procedure: bool = False
 

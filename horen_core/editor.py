@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 from transformers import LogitsProcessor, StoppingCriteria
 
 from horen_core.codebook import Codebook, CodebookChange
 from horen_core.config import HorenConfig
 from horen_core.errors import CorruptStateError, InvalidInputError
+from horen_core.gate import RelationGate, gate_features, subject_mask
 from horen_core.layer import HorenLayer, InjectPlan, RoutePlan, activate, compute_queries
 from horen_core.modeling import ModelAdapter, model_fingerprint, module_dims
 from horen_core.prompting import ChatFormat, Rendered, resolve_question
@@ -51,6 +53,7 @@ class EditResult:
     value: torch.Tensor  # the trained value, on cpu
     answer: tuple[int, ...]
     subject: str = ""  # the name a prompt must mention to be routed to this edit ("" = any prompt)
+    gate: torch.Tensor | None = None  # the question's relation vector, on cpu (None: no relation gate)
 
 
 @dataclass(frozen=True)
@@ -97,12 +100,16 @@ class HorenEditor:
         )
         self.candidate_provider: CandidateProvider | None = None
         self.subjects: dict[int, str] = {}  # edit id -> its subject; an entry is gated by its owner edit's
+        self.gate: RelationGate | None = None
+        self.gates: dict[int, torch.Tensor] = {}  # edit id -> its relation vector (see horen_core.gate)
         self.fingerprint = model_fingerprint(model)
         self.max_context = int(
             getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
         )
         self.chat = ChatFormat(tokenizer)
         self.lock = threading.RLock()
+        if self.config.relation_gate and not self.config.reference_procedure:
+            self.set_gate(RelationGate.shipped(self.fingerprint))
         self._next_edit_id = 1
         self._prefix_cache_ok: bool | None = None  # checked on the first fast-path edit
         self._batched_ok: bool | None = None  # checked on the first edit with several contexts
@@ -148,11 +155,20 @@ class HorenEditor:
         return list(ids)
 
     # ---- routing ----------------------------------------------------------------------------
+    def set_gate(self, gate: RelationGate | None) -> None:
+        """Use ``gate`` (None: none) for edits made from now on; edits made before keep their vectors."""
+        with self.lock:
+            self.gate = gate.to(self.device) if gate is not None else None
+
     def _router(
-        self, queries: torch.Tensor, texts: Sequence[str] | None = None
+        self,
+        queries: torch.Tensor,
+        texts: Sequence[str] | None = None,
+        relation: Callable[[int, str], torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, list[int | None], torch.Tensor]:
-        """Route unit queries; with ``texts`` (each row's question), a row whose best entry's subject
-        it does not mention is not routed."""
+        """Route unit queries. With ``texts`` (each row's question), a row whose best entry's subject
+        it does not mention is not routed; with ``relation`` (row, subject -> the row's relation
+        vector), nor is a row whose vector is too far from the entry's edit's."""
         cb = self.codebook
         keys = cb.keys
         candidates = self.candidate_provider(queries) if (self.candidate_provider and len(cb)) else None
@@ -163,31 +179,95 @@ class HorenEditor:
         if hit.any():
             values[hit] = cb.values[rows[hit]]
         entry_ids = [cb.entry_id_at(int(r)) if r >= 0 else None for r in rows.tolist()]
-        if texts is not None:
-            for i, e in enumerate(entry_ids):
-                if e is not None and not mentions(self.subjects.get(cb.owner_edit(e), ""), texts[i]):
-                    entry_ids[i] = None
-                    values[i] = 0
+        for i, e in enumerate(entry_ids):
+            if e is None or texts is None:
+                continue
+            owner = cb.owner_edit(e)
+            subject = self.subjects.get(owner, "")
+            if not mentions(subject, texts[i]) or not self._same_relation(owner, relation, i, subject):
+                entry_ids[i] = None
+                values[i] = 0
         return values, entry_ids, routing.scores
 
-    def _route_plan(self, prompt_mask: torch.Tensor, texts: Sequence[str] | None = None) -> RoutePlan:
-        def router(queries: torch.Tensor):
-            return self._router(queries, texts)
+    def _same_relation(
+        self, owner: int, relation: Callable[[int, str], torch.Tensor | None] | None, row: int, subject: str
+    ) -> bool:
+        stored = self.gates.get(owner)
+        if stored is None or relation is None or self.gate is None:
+            return True
+        mine = relation(row, subject)
+        if mine is None or mine.shape != stored.shape:  # a vector of another gate says nothing here
+            return True
+        return float(mine.to(stored.device) @ stored) >= self.gate.threshold
+
+    def _route_plan(
+        self, prompt_mask: torch.Tensor, texts: Sequence[str] | None = None, spans: Sequence[_Span] | None = None
+    ) -> RoutePlan:
+        def router(queries: torch.Tensor, x: torch.Tensor):
+            relation = None
+            if spans is not None and self.gate is not None:
+
+                def relation(row: int, subject: str) -> torch.Tensor:
+                    sp = spans[row]
+                    return self._relation_vector(x[row, sp.start : sp.start + len(sp.ids)], sp.ids, subject)
+
+            return self._router(queries, texts, relation)
 
         return RoutePlan(self.layer, prompt_mask, router, self.config.query_strategy, self.config.query_fraction)
+
+    @torch.no_grad()
+    def relation_features(self, questions: Sequence[str], subjects: Sequence[str], chat: bool = False) -> torch.Tensor:
+        """[B, 2 dk] the relation gate's input features of each question (plain, or as the user's
+        message in the chat template) with its subject: what ``horen_core.gate.fit`` learns from."""
+        rendered = [
+            self.chat.render(q) if chat else Rendered(ids, 0, len(ids))
+            for q in questions
+            for ids in [self.encode_prompt(q)]
+        ]
+        ids, mask = self._pad_left([r.ids for r in rendered])
+        plan = InjectPlan(self.layer, capture=True)
+
+        def stop(_module, _inputs, _output):
+            raise _StopForward  # nothing above the edited layer is needed
+
+        handle = self.adapter.layers[self.adapter.layer_index].register_forward_hook(stop)
+        try:
+            with self.lock, activate(plan):
+                self.model(input_ids=ids, attention_mask=mask, position_ids=self._positions(mask), logits_to_keep=1)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        width = ids.shape[1]
+        out = []
+        for i, (r, subject) in enumerate(zip(rendered, subjects)):
+            off = width - len(r.ids)
+            span = r.ids[r.start : r.end]
+            out.append(
+                gate_features(
+                    plan.captured[i, off + r.start : off + r.end], subject_mask(span, subject, self.tokenizer)
+                )
+            )
+        return torch.stack(out).cpu()
+
+    def _relation_vector(self, x: torch.Tensor, span_ids: Sequence[int], subject: str) -> torch.Tensor:
+        """The unit relation vector of a question span (``x`` [n, dk] the layer input over it)."""
+        feats = gate_features(x, subject_mask(span_ids, subject, self.tokenizer))
+        return self.gate.embed(feats[None])[0]
 
     def _question_plan(self, seqs: Sequence[Sequence[int]], lengths: Sequence[int], width: int) -> RoutePlan:
         """The route plan of left-padded rows whose questions are the spans ``self.chat`` finds in
         their first ``lengths[i]`` tokens (the whole prompt unless it is chat-formatted): routed
-        over those tokens, gated by those questions' text."""
+        over those tokens, gated by those questions' text and relation."""
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        texts = []
+        texts, spans = [], []
         for i, (s, n) in enumerate(zip(seqs, lengths)):
             a, b = self.chat.span(s[:n])
             off = width - len(s)
             mask[i, off + a : off + b] = 1
             texts.append(self.tokenizer.decode(list(s[a:b]), skip_special_tokens=True))
-        return self._route_plan(mask.to(self.input_device), texts)
+            spans.append(_Span(off + a, list(s[a:b])))
+        return self._route_plan(mask.to(self.input_device), texts, spans)
 
     def _pad_left(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         t = max(len(s) for s in seqs)
@@ -386,7 +466,10 @@ class HorenEditor:
             for ctx in contexts:
                 self._prepare(ctx)
             query = F.normalize(torch.stack([c.query for c in contexts]).mean(0), dim=-1)
-            _, entry_ids, _ = self._router(query[None], [question])
+            gate = self._edit_relation(contexts, subject)
+            _, entry_ids, _ = self._router(
+                query[None], [question], (lambda _row, _subject: gate) if gate is not None else None
+            )
             reuse = entry_ids[0]
             if reuse is not None and self.codebook.entry(reuse).answer != tuple(target_ids):
                 reuse = None  # a conflicting edit gets its own key
@@ -399,6 +482,7 @@ class HorenEditor:
                 else:
                     self.codebook.retrain(edit_id, reuse, query, value)
                 self.subjects[edit_id] = subject
+                self._set_relation(edit_id, gate)
         return EditResult(
             edit_id=edit_id,
             entry_id=entry_id,
@@ -410,7 +494,24 @@ class HorenEditor:
             value=value.detach().cpu(),
             answer=tuple(target_ids),
             subject=subject,
+            gate=gate.detach().cpu() if gate is not None else None,
         )
+
+    def _edit_relation(self, contexts: list[_Context], subject: str) -> torch.Tensor | None:
+        """An edit's relation vector: the unit mean of its question's in every context it is trained in."""
+        if self.gate is None or any(c.span_x is None for c in contexts):
+            return None
+        vecs = [
+            self._relation_vector(c.span_x, c.rendered.ids[c.rendered.start : c.rendered.end], subject)
+            for c in contexts
+        ]
+        return F.normalize(torch.stack(vecs).mean(0), dim=-1)
+
+    def _set_relation(self, edit_id: int, gate: torch.Tensor | None) -> None:
+        if gate is None:
+            self.gates.pop(edit_id, None)
+        else:
+            self.gates[edit_id] = gate.to(self.device, torch.float32)
 
     def _contexts(self, question: str, target: str) -> list[_Context]:
         """The question in each format it is trained in: plain first (its target tokens are the
@@ -436,6 +537,7 @@ class HorenEditor:
         found = self._lower_pass(ids)
         ctx.hidden = found.get("h")
         ctx.query = compute_queries(found["x"], span, self.config.query_strategy, self.config.query_fraction)[0]
+        ctx.span_x = found["x"][0, r.start : r.end]
 
     @torch.no_grad()
     def _lower_pass(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -598,6 +700,7 @@ class HorenEditor:
         with self.lock:
             change = self.codebook.rollback(edit_id)
             self.subjects.pop(edit_id, None)
+            self.gates.pop(edit_id, None)
             return change
 
     def apply_version(
@@ -608,11 +711,13 @@ class HorenEditor:
         value: torch.Tensor,
         answer: Sequence[int],
         subject: str = "",
+        gate: torch.Tensor | None = None,
     ) -> CodebookChange:
         """Mirror an edit trained elsewhere (a log replay or another replica) without retraining."""
         with self.lock:
             self._next_edit_id = max(self._next_edit_id, edit_id + 1)
             self.subjects[edit_id] = subject
+            self._set_relation(edit_id, gate)
             if not self.codebook.has_entry(entry_id):
                 return self.codebook.add(edit_id, key, value, answer, entry_id=entry_id)
             if self.codebook.entry(entry_id).answer != tuple(answer):
@@ -627,10 +732,12 @@ class HorenEditor:
         values: torch.Tensor,
         answers: Sequence[Sequence[int]],
         subjects: Sequence[str] | None = None,
+        gates: Sequence[torch.Tensor | None] | None = None,
     ) -> list[CodebookChange]:
         """``apply_version`` of many edits, in order (a log replay): each run of edits that create
         entries goes into the codebook at once (``Codebook.add_many``), retrains one by one."""
         subjects = list(subjects) if subjects is not None else [""] * len(edit_ids)
+        gates = list(gates) if gates is not None else [None] * len(edit_ids)
         with self.lock:
             changes: list[CodebookChange] = []
             run: list[int] = []  # positions of consecutive edits creating entries, not yet added
@@ -650,13 +757,15 @@ class HorenEditor:
                     )
                     self._next_edit_id = max(self._next_edit_id, max(edit_ids[i] for i in run) + 1)
                     self.subjects.update((edit_ids[i], subjects[i]) for i in run)
+                    for i in run:
+                        self._set_relation(edit_ids[i], gates[i])
                     run.clear()
 
             for i, entry_id in enumerate(entry_ids):
                 if entry_id in created or self.codebook.has_entry(entry_id):
                     flush()
                     changes.append(
-                        self.apply_version(edit_ids[i], entry_id, keys[i], values[i], answers[i], subjects[i])
+                        self.apply_version(edit_ids[i], entry_id, keys[i], values[i], answers[i], subjects[i], gates[i])
                     )
                 else:
                     run.append(i)
@@ -668,7 +777,14 @@ class HorenEditor:
         with self.lock:
             live = {str(e): self.subjects[e] for e in self.codebook.edit_ids() if self.subjects.get(e)}
             meta = {**self.identity, "config": _json(self.config.to_dict()), "subjects": _json(live)}
-            self.codebook.save(path, metadata=meta)
+            gated = [e for e in self.codebook.edit_ids() if e in self.gates]
+            extra = {}
+            if gated:
+                extra = {
+                    "gate_edit_ids": torch.tensor(gated, dtype=torch.long),
+                    "gate_vectors": torch.stack([self.gates[e].cpu() for e in gated]),
+                }
+            self.codebook.save(path, metadata=meta, extra=extra)
 
     def load(self, path) -> None:
         try:
@@ -681,6 +797,12 @@ class HorenEditor:
         with self.lock:
             self.codebook.load(path)
             self.subjects = {int(k): v for k, v in json.loads(meta.get("subjects", "{}")).items()}
+            self.gates = {}
+            with safe_open(str(path), framework="pt") as f:
+                if "gate_edit_ids" in f.keys():
+                    vectors = f.get_tensor("gate_vectors")
+                    for i, e in enumerate(f.get_tensor("gate_edit_ids").tolist()):
+                        self._set_relation(e, vectors[i])
             self._next_edit_id = max(self.codebook.edit_ids(), default=0) + 1
 
     def unwrap(self) -> None:
@@ -831,6 +953,14 @@ class _TargetStated(StoppingCriteria):
 
 
 @dataclass
+class _Span:
+    """A question's tokens and where they start in a padded batch row."""
+
+    start: int
+    ids: list[int]
+
+
+@dataclass
 class _Context:
     """One rendering of an edit's question and what training needs of it."""
 
@@ -839,6 +969,7 @@ class _Context:
     ids: list[int] = field(default_factory=list)  # prompt + target but its last token
     hidden: torch.Tensor | None = None
     query: torch.Tensor | None = None
+    span_x: torch.Tensor | None = None  # the layer input over the question's span [n, dk]
 
 
 def _json(d: dict) -> str:

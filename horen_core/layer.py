@@ -66,7 +66,8 @@ class Plan:
         raise NotImplementedError
 
 
-Router = Callable[[torch.Tensor], tuple[torch.Tensor, list[int | None], torch.Tensor]]
+# (unit queries [B, dk], the layer input [B, T, dk]) -> (values [B, dv], entry ids, scores)
+Router = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, list[int | None], torch.Tensor]]
 
 
 @dataclass
@@ -76,7 +77,7 @@ class RoutePlan(Plan):
 
     layer: HorenLayer
     prompt_mask: torch.Tensor  # [B, T] 1 at prompt tokens
-    router: Router  # unit queries [B, dk] -> (values [B, dv], entry ids, scores)
+    router: Router
     strategy: str
     fraction: float
     done: bool = False
@@ -90,7 +91,7 @@ class RoutePlan(Plan):
         self.done = True
         mask = self.prompt_mask.to(x.device)
         self.queries = compute_queries(x, mask, self.strategy, self.fraction)
-        values, self.entry_ids, self.scores = self.router(self.queries)
+        values, self.entry_ids, self.scores = self.router(self.queries, x)
         if all(e is None for e in self.entry_ids):
             return out
         pos = last_prompt_index(mask)

@@ -101,6 +101,7 @@ class EditingService:
                         expected_entry_version=expected,
                         created_by=by,
                         subject=res.subject,
+                        gate=repo.tensor_to_bytes(res.gate) if res.gate is not None else None,
                     )
                     session.flush()
                     if item is not None:
@@ -108,7 +109,7 @@ class EditingService:
                     event_id = replication.announce(session)
             except repo.EntryConflict:
                 continue  # catch up with what the other replica did, then train again
-            editor.apply_version(row.id, row.entry_id, res.key, res.value, res.answer, res.subject)
+            editor.apply_version(row.id, row.entry_id, res.key, res.value, res.answer, res.subject, res.gate)
             replication.record(event_id, "edit", row.id)
             replication.changed()
             self.metrics.edits.inc()

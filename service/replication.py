@@ -127,6 +127,7 @@ class Replication:
                 repo.bytes_to_matrix([r.value for r in rows], dv),
                 [r.answer_ids for r in rows],
                 [r.subject or "" for r in rows],
+                [repo.optional_vector(r.gate) for r in rows],
             )
 
     def sync(self) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from horen_core import HorenEditor, load_model
+from horen_core.gate import RelationGate
 from service.db.errors import DB_ERRORS
 from service.db.session import make_engine, make_session_factory
 from service.editing import EditingService
@@ -120,7 +121,10 @@ class Runtime:
             device_map=s.device_map or None,
             converted_dir=s.converted_dir or s.data_dir / "converted",
         )
-        self.editor = HorenEditor(model, tokenizer, s.horen_config())
+        editor = HorenEditor(model, tokenizer, s.horen_config())
+        if s.relation_gate:
+            editor.set_gate(RelationGate.load(s.relation_gate, editor.fingerprint))
+        self.editor = editor
 
     def attach(self) -> bool:
         stopping, replication = self.worker.stopping, self.replication

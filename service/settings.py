@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     model: str = ""
     # auto | cpu | cuda | cuda:N
     device: str = "auto"
+    # relation gate file for a model that ships without one (scripts/fit_gate.py); empty = the shipped one, if any
+    relation_gate: Path | None = None
     # accelerate device map for models larger than one GPU (e.g. "auto"); empty = whole model on `device`
     device_map: str = ""
     host: str = "127.0.0.1"

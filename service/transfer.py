@@ -9,7 +9,7 @@ The archive is an uncompressed tar of three members, in this order:
   for whoever reads the archive: routing settings are the importing deployment's own.
 - ``edits.jsonl``: one JSON object per active edit in id order, every column of its ``edits`` row
   by column name except the codebook's id and the binary columns, so that a column added to the
-  table travels without code here.
+  table travels without code here; ``gate`` is the edit's relation vector as a list of floats (or null).
 - ``vectors.safetensors``: ``keys`` [n, key_dim] and ``values`` [n, value_dim], float32; row i is the
   edit of line i (its own query and trained value, what a restart replays).
 
@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Annotated, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -74,8 +74,9 @@ _SET_BY_IMPORT = {
     "key",
     "value",
 }
+_GATE_DIM = 4096  # longest relation vector an archive may carry
 # columns passed to repository.insert_edit (validated by ArchivedEdit)
-_INSERTED = {"prompt", "target", "metadata", "steps", "loss", "train_ms", "answer_ids"}
+_INSERTED = {"prompt", "target", "metadata", "steps", "loss", "train_ms", "answer_ids", "gate"}
 
 
 class MalformedArchiveError(Exception):
@@ -104,6 +105,7 @@ class ArchivedEdit(BaseModel):
     steps: int = Field(default=0, ge=0, le=MAX_ID)
     loss: float = Field(default=0.0, allow_inf_nan=False)
     train_ms: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
+    gate: list[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(default=None, max_length=_GATE_DIM)
 
     _check = field_validator("prompt", "target")(valid_unicode)
 
@@ -198,6 +200,7 @@ def export_archive(
                 if len(row["key"]) != 4 * dk or len(row["value"]) != 4 * dv:
                     raise ValueError(f"edit {row['id']} has vectors of another size than the codebook's")
                 out = {c: _jsonable(row[c]) for c in columns}
+                out["gate"] = repo.optional_vector(row["gate"]).tolist() if row["gate"] is not None else None
                 lines.write(json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
                 keys.write(row["key"])
                 values.write(row["value"])
@@ -521,6 +524,7 @@ def import_archive(sessions: sessionmaker[Session], codebook_id: int, archive: I
                     value=repo.tensor_to_bytes(values[j]),
                     expected_entry_version=None,
                     created_by=by,
+                    gate=repo.tensor_to_bytes(torch.tensor(row.gate)) if row.gate else None,
                 )
                 for attr, value in extra.items():
                     setattr(edit, attr, value)

@@ -118,6 +118,8 @@ class Edit(Base):
     answer_ids: Mapped[list[int]] = mapped_column(JSONType)
     key: Mapped[bytes] = mapped_column(LargeBinary)  # float32 little-endian query vector
     value: Mapped[bytes] = mapped_column(LargeBinary)  # float32 little-endian value vector
+    # float32 relation vector (horen_core.gate); None: the edit is not relation-gated
+    gate: Mapped[bytes | None] = mapped_column(LargeBinary)
 
     def __repr__(self) -> str:
         return f"Edit(id={self.id}, codebook_id={self.codebook_id}, entry_id={self.entry_id}, status={self.status!r})"

@@ -119,6 +119,7 @@ def insert_edit(
     expected_entry_version: int | None,
     created_by: str | None = None,
     subject: str = "",
+    gate: bytes | None = None,
 ) -> Edit:
     """Store one edit, create or bump its entry, and append an "edit" event; ``created_by`` (the
     API key's name) is the edit's and the event's actor.
@@ -161,6 +162,7 @@ def insert_edit(
         value=bytes(value),
         created_by=created_by,
         subject=subject,
+        gate=bytes(gate) if gate is not None else None,
     )
     session.add(edit)
     session.flush()
@@ -254,10 +256,10 @@ def count_active_edits(session: Session, codebook_id: int) -> int:
 
 def active_edit_vectors(session: Session, codebook_id: int, chunk: int = 4096) -> Iterator[Sequence[Row]]:
     """What replaying the active edits needs (``id``, ``entry_id``, ``answer_ids``, ``key``,
-    ``value``, ``subject``), in id order, ``chunk`` rows at a time: plain rows, no ORM objects, so that a replay
+    ``value``, ``subject``, ``gate``), in id order, ``chunk`` rows at a time: plain rows, no ORM objects, so that a replay
     of many edits neither builds nor holds them all."""
     stmt = (
-        select(Edit.id, Edit.entry_id, Edit.answer_ids, Edit.key, Edit.value, Edit.subject)
+        select(Edit.id, Edit.entry_id, Edit.answer_ids, Edit.key, Edit.value, Edit.subject, Edit.gate)
         .where(*_active_in(codebook_id))
         .order_by(Edit.id)
         .execution_options(yield_per=chunk)
@@ -367,6 +369,11 @@ def bytes_to_matrix(blobs: Sequence[bytes], dim: int) -> torch.Tensor:
             raise ValueError(f"vector has {len(b)} bytes, expected {4 * dim} for {dim} float32 values")
     flat = np.frombuffer(b"".join(blobs), dtype="<f4").astype(np.float32)
     return torch.from_numpy(flat.reshape(len(blobs), dim))
+
+
+def optional_vector(b: bytes | None) -> torch.Tensor | None:
+    """The float32 vector stored by `tensor_to_bytes` (its length read from the bytes), or None."""
+    return None if b is None else bytes_to_matrix([b], len(b) // 4)[0]
 
 
 def bytes_to_tensor(b: bytes, dim: int) -> torch.Tensor:

@@ -33,9 +33,9 @@ def routed_forward(editor, prompt: str, before_layers=None, in_router=None):
     if in_router is not None:
         router = plan.router
 
-        def waiting_router(queries):
+        def waiting_router(queries, x):
             in_router()
-            return router(queries)
+            return router(queries, x)
 
         plan.router = waiting_router
     handle = None
