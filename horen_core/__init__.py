@@ -3,10 +3,12 @@ down-projection, for large-scale sequential model editing. Torch + transformers 
 
 The method in short: a prompt's query is the unit mean of the edited layer's input over its
 question (the plain prompt, or the last user message of a chat-formatted one); a few damped
-Hopfield steps over its nearest keys refine it; if the best key's cosine clears the threshold, that
-entry's value is added to the layer's output at the question's last token. Each edit trains one
-value so the target is decoded in the plain and the chat context alike, and a routed answer is
-handed to the unedited model once it has stated the target."""
+Hopfield steps over its nearest keys refine it; if the best key's cosine clears the threshold, and
+the prompt names the edit's subject and asks its relation (a fitted relation gate over the same
+layer input, where the model has one), that entry's value is added to the layer's output at the
+question's last token. Each edit trains one value so the target is decoded in the plain and the
+chat context alike, and a routed answer is handed to the unedited model once it has stated the
+target."""
 
 from horen_core.codebook import Codebook, CodebookChange
 from horen_core.config import HorenConfig

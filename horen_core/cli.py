@@ -55,7 +55,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     for name, value in d.to_dict().items():
         if name in ("reference_procedure", "module_template"):
             continue
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        if isinstance(value, bool):
+            p.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=value)
+        else:  # the only field without a default value is a float (gate_threshold)
+            p.add_argument(f"--{name.replace('_', '-')}", type=float if value is None else type(value), default=value)
     p.add_argument("--module-template", default=None)
 
 

@@ -31,6 +31,8 @@ class HorenConfig:
     hopfield_support: int = 32
     # minimum cosine between refined query and best key for the key's value to be applied
     threshold: float = 0.8
+    # the lower minimum for a prompt that names the edit's subject and passes its relation gate
+    subject_threshold: float = 0.8
     # Adam learning rate for the value vector
     lr: float = 8.0
     # Adam betas: short memories, because each edit is a fresh ~10-step problem
@@ -45,6 +47,8 @@ class HorenConfig:
     # route a prompt to an edit only when it asks the edit's relation too (horen_core.gate), where
     # a fitted gate exists for the model
     relation_gate: bool = True
+    # the relation gate's cosine threshold; None = the one fitted with it
+    gate_threshold: float | None = None
     # the paper's public procedure: fixed max_steps, full-model forward/backward, no early stop
     reference_procedure: bool = False
 
@@ -69,5 +73,5 @@ class HorenConfig:
             raise ConfigError("hopfield_support must be >= 0 (0 = all keys)")
         if self.hopfield_steps < 0 or self.max_steps < 1:
             raise ConfigError("hopfield_steps must be >= 0 and max_steps >= 1")
-        if not -1.0 <= self.threshold <= 1.0:
-            raise ConfigError("threshold is a cosine and must be in [-1, 1]")
+        if not -1.0 <= self.threshold <= 1.0 or not -1.0 <= self.subject_threshold <= 1.0:
+            raise ConfigError("threshold and subject_threshold are cosines and must be in [-1, 1]")

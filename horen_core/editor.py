@@ -95,7 +95,7 @@ class HorenEditor:
             self.config.hopfield_alpha,
             self.config.hopfield_beta,
             self.config.hopfield_steps,
-            self.config.threshold,
+            min(self.config.threshold, self.config.subject_threshold),
             support=self.config.hopfield_support,
         )
         self.candidate_provider: CandidateProvider | None = None
@@ -157,6 +157,8 @@ class HorenEditor:
     # ---- routing ----------------------------------------------------------------------------
     def set_gate(self, gate: RelationGate | None) -> None:
         """Use ``gate`` (None: none) for edits made from now on; edits made before keep their vectors."""
+        if gate is not None and self.config.gate_threshold is not None:
+            gate = RelationGate(gate.weight, gate.mean, self.config.gate_threshold)
         with self.lock:
             self.gate = gate.to(self.device) if gate is not None else None
 
@@ -168,7 +170,8 @@ class HorenEditor:
     ) -> tuple[torch.Tensor, list[int | None], torch.Tensor]:
         """Route unit queries. With ``texts`` (each row's question), a row whose best entry's subject
         it does not mention is not routed; with ``relation`` (row, subject -> the row's relation
-        vector), nor is a row whose vector is too far from the entry's edit's."""
+        vector), nor is a row whose vector is too far from the entry's edit's. A row below
+        ``threshold`` (down to ``subject_threshold``) is routed only when both gates were checked."""
         cb = self.codebook
         keys = cb.keys
         candidates = self.candidate_provider(queries) if (self.candidate_provider and len(cb)) else None
@@ -179,12 +182,23 @@ class HorenEditor:
         if hit.any():
             values[hit] = cb.values[rows[hit]]
         entry_ids = [cb.entry_id_at(int(r)) if r >= 0 else None for r in rows.tolist()]
+        threshold = self.config.threshold
         for i, e in enumerate(entry_ids):
-            if e is None or texts is None:
+            if e is None:
                 continue
-            owner = cb.owner_edit(e)
-            subject = self.subjects.get(owner, "")
-            if not mentions(subject, texts[i]) or not self._same_relation(owner, relation, i, subject):
+            below = float(routing.scores[i]) < threshold
+            if texts is None:
+                keep = not below
+            else:
+                owner = cb.owner_edit(e)
+                subject = self.subjects.get(owner, "")
+                gated = bool(subject) and relation is not None and self.gate is not None and owner in self.gates
+                keep = (
+                    (gated or not below)
+                    and mentions(subject, texts[i])
+                    and self._same_relation(owner, relation, i, subject)
+                )
+            if not keep:
                 entry_ids[i] = None
                 values[i] = 0
         return values, entry_ids, routing.scores

@@ -123,3 +123,29 @@ def test_relation_vectors_follow_rollback_replay_and_save(gated, tmp_path, tiny_
     third = make_editor(*tiny_llama, HorenConfig(layer=1, max_steps=60, lr=0.5, stop_loss=1.0))
     third.apply_versions([a.edit_id], [a.edit_id], a.key[None], a.value[None], [a.answer], [""], [a.gate])
     assert torch.allclose(third.gates[a.edit_id].cpu(), a.gate)
+
+
+def test_a_prompt_below_the_threshold_is_routed_only_through_both_gates(tiny_llama, make_editor):
+    cfg = HorenConfig(layer=1, max_steps=60, lr=0.5, stop_loss=1.0, threshold=1.0, subject_threshold=-1.0)
+    editor = make_editor(*tiny_llama, cfg)
+    dk = editor.codebook.key_dim
+    editor.set_gate(RelationGate(torch.randn(2 * dk, 16), torch.zeros(2 * dk), -1.0))
+    near = "Bob plays the instrument piano and the"  # the key's cosine is below 1.0
+    named = editor.edit(PROMPT, TARGET, subject="Bob")
+    got = editor.generate([near], max_new_tokens=2)[0]
+    assert got.score < 1.0 and got.edit_id == named.edit_id
+    editor.rollback(named.edit_id)
+    anywhere = editor.edit(PROMPT, TARGET, subject="")  # no subject to name: the full threshold holds
+    assert editor.generate([near], max_new_tokens=2)[0].edit_id is None
+    editor.rollback(anywhere.edit_id)
+    editor.set_gate(None)
+    ungated = editor.edit(PROMPT, TARGET, subject="Bob")  # no relation vector: the full threshold holds
+    assert ungated.gate is None
+    assert editor.generate([near], max_new_tokens=2)[0].edit_id is None
+
+
+def test_the_configured_gate_threshold_replaces_the_fitted_one(tiny_llama, make_editor):
+    editor = make_editor(*tiny_llama, HorenConfig(layer=1, gate_threshold=0.25))
+    dk = editor.codebook.key_dim
+    editor.set_gate(RelationGate(torch.randn(2 * dk, 16), torch.zeros(2 * dk), 0.9))
+    assert editor.gate.threshold == 0.25
