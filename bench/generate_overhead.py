@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     index_kind = "none (--no-index)"
     if not args.no_index:
         index = KeyIndex(cb.key_dim, use_gpu=device.type == "cuda")
-        index.sync(cb)
-        editor.candidate_provider = index.candidate_provider(cb, editor.retriever.support)
+        editor.attach_index(index)
         index_kind = index.kind
 
     times: dict[str, list[float]] = {"routed": [], "pass_through": []}

@@ -33,6 +33,7 @@ from index_bench import SyntheticKeys, build_codebook, fmt, stats_ms  # noqa: E4
 
 from horen_core.config import HorenConfig  # noqa: E402
 from horen_core.retrieval import HopfieldRetriever  # noqa: E402
+from horen_core.routing import KeysView  # noqa: E402
 from service.index import KeyIndex  # noqa: E402
 
 
@@ -99,11 +100,12 @@ def run_size(n: int, args: argparse.Namespace, device: torch.device) -> dict:
     if gpu_index.on_gpu:
         indexes["faiss-gpu"] = gpu_index
     providers = {}
+    view = KeysView(cb)
     for name, index in indexes.items():
         t = time.perf_counter()
-        index.sync(cb)
+        index.reset(view)
         print(f"build {name} {index.kind}: {time.perf_counter() - t:.1f}s", flush=True)
-        providers[name] = index.candidate_provider(cb)
+        providers[name] = lambda q, index=index: index.candidates(q, view, 0)
 
     def exact(q: torch.Tensor):
         return retriever.route(q, cb.keys, None, order=order)

@@ -1,12 +1,13 @@
 """KeyIndex prefiltered routing against exact routing, side by side in one run, per codebook size.
 
-For each size a ``Codebook`` of synthetic unit keys is built, then ``KeyIndex.sync`` indexes it
-(build time). Queries go through the editor's routing with the same retriever, built from
-``HorenConfig()`` as the service builds it (alpha 0.1, beta 20, 2 steps, threshold 0.8): (a) prefiltered, the index's
-``candidate_provider`` then refinement over the candidates; (b) exact, over all keys. Prints the
-mean / p50 / p99 ms of single-query routing for both, a ``ratio`` line (exact mean / prefiltered
-mean), the agreement of the routed entry (a row, or none) per query kind, how much a ``sync``
-after one edit costs with and without the change list, and, last, a one-line JSON summary.
+For each size a ``Codebook`` of synthetic unit keys is built, then a ``KeyIndex`` attached to a
+``Router`` over it indexes it (build time). Queries go through the editor's routing with the same
+retriever, built from ``HorenConfig()`` as the service builds it (alpha 0.1, beta 20, 2 steps,
+threshold 0.8): (a) prefiltered, the index's ``candidates`` then refinement over them; (b) exact,
+over all keys. Prints the mean / p50 / p99 ms of single-query routing for both, a ``ratio`` line
+(exact mean / prefiltered mean), the agreement of the routed entry (a row, or none) per query kind,
+how much keeping the index current after one edit costs (its ``CodebookChange``), and, last, a
+one-line JSON summary.
 
 The synthetic keys copy the geometry measured on the real edited layer (SmolLM2-135M, layer 24
 down_proj, ZsRE prompts): a shared direction giving unrelated keys a mean cosine of ~0.4, a power
@@ -51,6 +52,7 @@ sys.path.insert(0, str(REPO))
 from horen_core.codebook import Codebook  # noqa: E402
 from horen_core.config import HorenConfig  # noqa: E402
 from horen_core.retrieval import HopfieldRetriever  # noqa: E402
+from horen_core.routing import Router  # noqa: E402
 from service.index import KeyIndex  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"  # ../shared beside the checkout
@@ -292,20 +294,22 @@ def run_size(n: int, args: argparse.Namespace, real: RealSet | None) -> dict:
         scan_threads=args.scan_threads,
         rotate=not args.no_rotate,
     )
-    t = time.perf_counter()
-    index.sync(cb)
-    build_s = time.perf_counter() - t
-    print(f"build {index.kind}: {build_s:.1f}s", flush=True)
-
     cfg = HorenConfig()
     retriever = HopfieldRetriever(
         cfg.hopfield_alpha, cfg.hopfield_beta, cfg.hopfield_steps, cfg.threshold, support=cfg.hopfield_support
     )
-    provide = index.candidate_provider(cb, retriever.support)
+    router = Router(cb, retriever)
+    t = time.perf_counter()
+    router.attach(index)
+    build_s = time.perf_counter() - t
+    print(f"build {index.kind}: {build_s:.1f}s", flush=True)
     order = cb.row_entry_ids
 
+    def provide(q: torch.Tensor):
+        return index.candidates(q, router.keys, retriever.support)
+
     def prefiltered(q: torch.Tensor):
-        return retriever.route(q, cb.keys, provide(q), order=order)
+        return router.route(q)
 
     def exact(q: torch.Tensor):
         return retriever.route(q, cb.keys, None, order=order)
@@ -384,17 +388,13 @@ def run_size(n: int, args: argparse.Namespace, real: RealSet | None) -> dict:
     print("  of which the index's candidates (search, then scoring them against the full keys): " + fmt(search))
     print(f"ratio exact ({best} threads) / prefiltered, mean wall time: {ratio:.1f}x")
 
-    # what keeping the index current costs the engine after one edit
-    key = torch.from_numpy(syn.unrelated(2, rng))
+    # what keeping the index current costs the editor after one edit
+    key = torch.from_numpy(syn.unrelated(1, rng))
     change = cb.add(10**9, key[0], torch.zeros(1), [0])
     t0 = time.perf_counter()
-    index.sync(cb, [change])
-    sync_changes = time.perf_counter() - t0
-    cb.add(10**9 + 1, key[1], torch.zeros(1), [0])
-    t0 = time.perf_counter()
-    index.sync(cb)
-    sync_blind = time.perf_counter() - t0
-    print(f"sync after one edit: {sync_changes * 1e3:.1f} ms with the change list, {sync_blind * 1e3:.1f} ms without")
+    router.apply([change])
+    update = time.perf_counter() - t0
+    print(f"index update after one edit (its CodebookChange): {update * 1e3:.1f} ms")
     return {
         "keys": n,
         "fill": fill,
@@ -411,7 +411,7 @@ def run_size(n: int, args: argparse.Namespace, real: RealSet | None) -> dict:
         "candidate_recall": {k: round(v, 5) for k, v in recall.items()},
         "real_keys": n_real,
         "routed_to_own_key": own,
-        "sync_ms": {"with_changes": round(sync_changes * 1e3, 2), "without": round(sync_blind * 1e3, 2)},
+        "update_ms": round(update * 1e3, 2),
     }
 
 

@@ -32,9 +32,9 @@ from horen_core.layer import HorenLayer, InjectPlan, RoutePlan, activate, comput
 from horen_core.modeling import ModelAdapter, model_fingerprint, module_dims
 from horen_core.prompting import ChatFormat, Rendered, resolve_question
 from horen_core.retrieval import HopfieldRetriever
+from horen_core.routing import CandidateIndex, Router
 from horen_core.subjects import mentions, resolve_subject
 
-CandidateProvider = Callable[[torch.Tensor], torch.Tensor | None]
 # called by generate per row and step with the row's newly final tokens; False stops the row
 RowStream = Callable[[int, list[int]], bool]
 
@@ -91,14 +91,15 @@ class HorenEditor:
         self.input_device = model.get_input_embeddings().weight.device
         self.multi_device = len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1
         self.codebook = Codebook(key_dim, value_dim, device=self.device)
-        self.retriever = HopfieldRetriever(
+        retriever = HopfieldRetriever(
             self.config.hopfield_alpha,
             self.config.hopfield_beta,
             self.config.hopfield_steps,
             min(self.config.threshold, self.config.subject_threshold),
             support=self.config.hopfield_support,
         )
-        self.candidate_provider: CandidateProvider | None = None
+        # every codebook change goes to the router, which keeps an attached candidate index current
+        self.router = Router(self.codebook, retriever)
         self.subjects: dict[int, str] = {}  # edit id -> its subject; an entry is gated by its owner edit's
         self.gate: RelationGate | None = None
         self.gates: dict[int, torch.Tensor] = {}  # edit id -> its relation vector (see horen_core.gate)
@@ -162,6 +163,12 @@ class HorenEditor:
         with self.lock:
             self.gate = gate.to(self.device) if gate is not None else None
 
+    def attach_index(self, index: CandidateIndex | None) -> None:
+        """Route through ``index`` (a prefilter such as the service's FAISS index; None: over every
+        key) from now on; it indexes the codebook first and then gets every change."""
+        with self.lock:
+            self.router.attach(index)
+
     def _router(
         self,
         queries: torch.Tensor,
@@ -174,8 +181,7 @@ class HorenEditor:
         ``threshold`` (down to ``subject_threshold``) is routed only when both gates were checked."""
         cb = self.codebook
         keys = cb.keys
-        candidates = self.candidate_provider(queries) if (self.candidate_provider and len(cb)) else None
-        routing = self.retriever.route(queries.to(keys.device), keys, candidates, order=cb.row_entry_ids)
+        routing = self.router.route(queries)
         rows = routing.rows
         hit = rows >= 0
         values = torch.zeros(queries.shape[0], cb.value_dim, device=keys.device, dtype=cb.dtype)
@@ -492,9 +498,11 @@ class HorenEditor:
             entry_id = reuse
             if apply:
                 if reuse is None:
-                    entry_id = self.codebook.add(edit_id, query, value, target_ids).entry_id
+                    change = self.codebook.add(edit_id, query, value, target_ids)
+                    entry_id = change.entry_id
                 else:
-                    self.codebook.retrain(edit_id, reuse, query, value)
+                    change = self.codebook.retrain(edit_id, reuse, query, value)
+                self.router.apply([change])
                 self.subjects[edit_id] = subject
                 self._set_relation(edit_id, gate)
         return EditResult(
@@ -713,6 +721,7 @@ class HorenEditor:
     def rollback(self, edit_id: int) -> CodebookChange:
         with self.lock:
             change = self.codebook.rollback(edit_id)
+            self.router.apply([change])
             self.subjects.pop(edit_id, None)
             self.gates.pop(edit_id, None)
             return change
@@ -733,10 +742,13 @@ class HorenEditor:
             self.subjects[edit_id] = subject
             self._set_relation(edit_id, gate)
             if not self.codebook.has_entry(entry_id):
-                return self.codebook.add(edit_id, key, value, answer, entry_id=entry_id)
-            if self.codebook.entry(entry_id).answer != tuple(answer):
+                change = self.codebook.add(edit_id, key, value, answer, entry_id=entry_id)
+            elif self.codebook.entry(entry_id).answer != tuple(answer):
                 raise CorruptStateError(f"edit {edit_id} retrains entry {entry_id} with another answer")
-            return self.codebook.retrain(edit_id, entry_id, key, value)
+            else:
+                change = self.codebook.retrain(edit_id, entry_id, key, value)
+            self.router.apply([change])
+            return change
 
     def apply_versions(
         self,
@@ -760,15 +772,15 @@ class HorenEditor:
             def flush() -> None:
                 if run:
                     pick = torch.tensor(run)
-                    changes.extend(
-                        self.codebook.add_many(
-                            [edit_ids[i] for i in run],
-                            keys[pick],
-                            values[pick],
-                            [answers[i] for i in run],
-                            [entry_ids[i] for i in run],
-                        )
+                    added = self.codebook.add_many(
+                        [edit_ids[i] for i in run],
+                        keys[pick],
+                        values[pick],
+                        [answers[i] for i in run],
+                        [entry_ids[i] for i in run],
                     )
+                    self.router.apply(added)
+                    changes.extend(added)
                     self._next_edit_id = max(self._next_edit_id, max(edit_ids[i] for i in run) + 1)
                     self.subjects.update((edit_ids[i], subjects[i]) for i in run)
                     for i in run:
@@ -818,6 +830,7 @@ class HorenEditor:
                     for i, e in enumerate(f.get_tensor("gate_edit_ids").tolist()):
                         self._set_relation(e, vectors[i])
             self._next_edit_id = max(self.codebook.edit_ids(), default=0) + 1
+            self.router.reloaded()
 
     def unwrap(self) -> None:
         """Put the original module back."""

@@ -20,7 +20,6 @@ from horen_core import HorenEditor
 from horen_core.errors import UnknownEditError
 from service.db import repository as repo
 from service.db.errors import DB_ERRORS
-from service.index import KeyIndex
 from service.metrics import Metrics
 
 log = logging.getLogger("horen.engine")
@@ -70,7 +69,6 @@ class Replication:
         self.sessions = sessions
         self.metrics = metrics
         self.editor: HorenEditor | None = None
-        self.index: KeyIndex | None = None
         self.codebook_id: int | None = None
         self.last_event_id = 0
         self.last_sync = 0.0
@@ -78,7 +76,7 @@ class Replication:
         # why the device thread's last database access failed; None while the database answers
         self.db_error: str | None = None
 
-    def attach(self, editor: HorenEditor, index: KeyIndex) -> None:
+    def attach(self, editor: HorenEditor) -> None:
         """Find this model's codebook in the database and replay its edits into ``editor``."""
         self.last_event_id, self.log_digest = 0, _DIGEST_START
         ident = editor.identity
@@ -87,7 +85,7 @@ class Replication:
                 session, ident["model"], ident["module"], editor.codebook.key_dim, editor.codebook.value_dim
             )
             self.codebook_id = cb.id
-        self.editor, self.index = editor, index
+        self.editor = editor
         self._replay()
 
     def _replay(self) -> None:
@@ -174,9 +172,7 @@ class Replication:
         self.log_digest = hashlib.sha256(f"{self.log_digest}:{event_id}:{kind}:{edit_id}".encode()).hexdigest()
 
     def changed(self) -> None:
-        """The codebook changed: bring what derives from it up to date."""
-        if self.index is not None and self.editor is not None:
-            self.index.sync(self.editor.codebook)
+        """The codebook changed: update its size metric (the editor keeps its index current)."""
         if self.editor is not None:
             self.metrics.codebook_size.set(len(self.editor.codebook))
 

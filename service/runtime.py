@@ -39,6 +39,7 @@ class Runtime:
         self.imports = ImportWorker(self.sessions, settings.import_chunk, settings.sync_interval)
         self.worker = DeviceWorker(self, settings.queue_size, settings.max_batch, self.metrics)
         self.editor: HorenEditor | None = None  # loaded by the worker thread
+        self.index: KeyIndex | None = None  # the editor's candidate index, once attached
         self.generator: Generator | None = None
         self.editing: EditingService | None = None
         self._ready = False  # attached to the database and replayed
@@ -98,7 +99,7 @@ class Runtime:
             pass
 
     def device_summary(self) -> dict[str, Any]:
-        editor, index = self.editor, self.replication.index
+        editor, index = self.editor, self.index
         if editor is None or not self._ready:
             return {}
         return {
@@ -160,9 +161,9 @@ class Runtime:
             use_gpu=editor.device.type == "cuda",
             scan_threads=s.index_threads,
         )
-        # horen_core routes through the editor's candidate provider; the core-side seam for it is pending
-        editor.candidate_provider = index.candidate_provider(editor.codebook, editor.retriever.support)
-        self.replication.attach(editor, index)
+        self.replication.attach(editor)
+        editor.attach_index(index)  # built once over the replayed codebook, then fed its changes
+        self.index = index
 
     def generate(self, jobs: list[GenerateJob]) -> None:
         self.generator.run(jobs)

@@ -1,7 +1,12 @@
 """KeyIndex behaviour on synthetic clustered unit keys (no model): candidates hold the exact best
-key, removals and codebook changes are mirrored, and prefiltered routing equals exact routing."""
+key, removals and codebook changes are mirrored, prefiltered routing equals exact routing, and the
+index reads the codebook only through the router's ``KeysView``."""
 
 from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +15,7 @@ import torch.nn.functional as F
 
 from horen_core.codebook import Codebook
 from horen_core.retrieval import HopfieldRetriever
+from horen_core.routing import KeysView, Router
 from service.index import KeyIndex
 from tests.horen_core.test_hugepages import collapse_supported, huge_bytes, needs_thp
 
@@ -133,16 +139,16 @@ def test_index_space_keeps_each_keys_residual_norm():
     keys = clustered_keys(3000)
     index = small_index(pq_min_keys=10**6)
     index.rebuild(np.arange(3000, dtype=np.int64), keys)
-    lam = index._query_residual
+    lam = index.projection.query_residual
     assert 0.2 < lam < 0.9  # clustered keys: neighbours share part of their residual
     noise = np.random.default_rng(2).standard_normal((3000, DIM)).astype(np.float32)
     iid = KeyIndex(DIM, reduced_dim=32, min_keys=0, pq_min_keys=10**6)
     iid.rebuild(np.arange(3000, dtype=np.int64), noise / np.linalg.norm(noise, axis=1, keepdims=True))
-    assert iid._query_residual < lam / 2  # independent keys: residuals barely correlate
+    assert iid.projection.query_residual < lam / 2  # independent keys: residuals barely correlate
     q = paraphrases(keys[:50])
     yk, yq = index._project(keys[:50]), index._project(q, queries=True)
-    ck, cq = keys[:50] - index._mean, q - index._mean
-    pk, pq = ck @ index._proj, cq @ index._proj  # rotated components and norm share one frame
+    ck, cq = keys[:50] - index.projection.mean, q - index.projection.mean
+    pk, pq = ck @ index.projection.basis, cq @ index.projection.basis  # rotated components and norm share one frame
     np.testing.assert_allclose((yk * yk).sum(1), (ck * ck).sum(1), rtol=1e-4)  # a key keeps its norm
     rk = np.sqrt(np.maximum((ck * ck).sum(1) - (pk * pk).sum(1), 0))
     rq = np.sqrt(np.maximum((cq * cq).sum(1) - (pq * pq).sum(1), 0))
@@ -227,17 +233,16 @@ def test_rejects_bad_shapes_and_duplicate_ids():
         index.add(np.array([1, 1]), np.zeros((2, DIM), np.float32))
 
 
-def test_provider_returns_none_below_min_keys():
+def test_no_candidates_below_min_keys():
     keys = clustered_keys(600)
     cb = codebook_with(keys[:300])
-    index = small_index(min_keys=500)
-    provide = index.candidate_provider(cb)
-    index.sync(cb)
+    index, view = small_index(min_keys=500), KeysView(cb)
+    index.reset(view)
     assert not index.built and index.kind == "none-exact-below-500"
-    assert provide(torch.from_numpy(keys[:2])) is None
-    for i in range(300, 600):
-        cb.add(i + 1, torch.from_numpy(keys[i]), torch.zeros(2), [i])
-    rows = provide(torch.from_numpy(keys[:2]))  # syncs itself: the codebook moved on
+    assert index.candidates(torch.from_numpy(keys[:2]), view) is None
+    changes = [cb.add(i + 1, torch.from_numpy(keys[i]), torch.zeros(2), [i]) for i in range(300, 600)]
+    index.apply(changes, view)  # the codebook reached min_keys: built over all of it
+    rows = index.candidates(torch.from_numpy(keys[:2]), view)
     assert index.built and len(index) == 600
     assert rows is not None and rows.dtype == torch.long and rows.shape == (2, index.top_k)
     assert rows[:, 0].tolist() == [0, 1]
@@ -250,81 +255,88 @@ def test_cuda_codebook_without_faiss_gpu_is_routed_exactly():
         pytest.skip("FAISS has GPU support here: the GPU flat index is used instead")
     keys = clustered_keys(600)
     cb = codebook_with(keys)
+    view = KeysView(cb)
     index = small_index(use_gpu=True)  # what the engine asks for when the codebook is on a CUDA device
-    provide = index.candidate_provider(cb)
-    index.sync(cb)
+    index.reset(view)
     assert index.exact_on_device and index.kind == "none-exact-on-device"
-    assert not index.built and provide(torch.from_numpy(keys[:2])) is None
-    assert small_index().candidate_provider(cb)(torch.from_numpy(keys[:2])) is not None  # unlike on the CPU
+    assert not index.built and index.candidates(torch.from_numpy(keys[:2]), view) is None
+    cpu = small_index()
+    cpu.reset(view)
+    assert cpu.candidates(torch.from_numpy(keys[:2]), view) is not None  # unlike on the CPU
 
 
-def test_provider_maps_entry_ids_to_current_rows():
+def test_candidates_map_entry_ids_to_current_rows():
     keys = clustered_keys(1200)
     cb = codebook_with(keys)
-    index = small_index()
-    index.sync(cb)
-    provide = index.candidate_provider(cb)
+    index, view = small_index(), KeysView(cb)
+    index.reset(view)
     last_entry = cb.entry_id_at(len(cb) - 1)
-    cb.rollback(1)  # entry 1 (row 0) goes; the last row moves into row 0
+    change = cb.rollback(1)  # entry 1 (row 0) goes; the last row moves into row 0
     assert cb.row_of(last_entry) == 0
-    rows = provide(torch.from_numpy(keys[[0, 1199]]))
+    index.apply([change], view)
+    rows = index.candidates(torch.from_numpy(keys[[0, 1199]]), view)
     assert rows[1, 0].item() == 0  # the moved key is found at its new row
     assert (rows >= 0).all() and (rows < len(cb)).all()
-    assert 1 not in index.search(keys[[0]])  # the provider synced the removal of entry 1
+    assert 1 not in index.search(keys[[0]])  # the removal of entry 1 was applied
 
 
-def test_sync_mirrors_codebook_changes_with_and_without_change_lists():
+def test_apply_mirrors_codebook_changes():
     keys = clustered_keys(1500)
     cb = codebook_with(keys[:1000])
-    hinted, blind = small_index(), small_index()
-    hinted.sync(cb)
-    blind.sync(cb)
+    view = KeysView(cb)
+    hinted, stepwise = small_index(), small_index()
+    hinted.reset(view)
+    stepwise.reset(view)
     changes = [cb.add(1001 + i, torch.from_numpy(keys[1000 + i]), torch.zeros(2), [i]) for i in range(200)]
     changes += [cb.rollback(e) for e in range(1, 101)]
+    # a retrain, which moves the entry's key to the mean of its owners' queries
+    changes.append(cb.retrain(5000, 300, torch.from_numpy(keys[1450]), torch.ones(2)))
+    stepwise.apply(changes, view)  # once here, and for the hinted one all at once below
     # a retrain then a rollback of the oldest version: entry 200 keeps its id but takes a new key
-    changes.append(cb.retrain(5000, 200, torch.from_numpy(keys[1400]), torch.ones(2)))
-    changes.append(cb.rollback(200))
-    hinted.sync(cb, changes)
-    blind.sync(cb)
+    more = [cb.retrain(5001, 200, torch.from_numpy(keys[1400]), torch.ones(2)), cb.rollback(200)]
+    for change in more:
+        stepwise.apply([change], view)
+    hinted.apply(changes + more, view)
     fresh = small_index()
     fresh.rebuild(cb.row_entry_ids.numpy(), cb.keys.numpy())
     cur_keys, cur_ids = cb.keys.numpy(), cb.row_entry_ids.numpy()
     q = paraphrases(np.concatenate([keys[1000:1200], keys[1400:1401], keys[100:1000:9]]))
     want = exact_top1(q, cur_keys, cur_ids)
-    for index in (hinted, blind, fresh):
+    for index in (hinted, stepwise, fresh):
         assert len(index) == len(cb) == 1100
         found = index.search(q)
         assert (found == want[:, None]).any(axis=1).all()
         assert np.isin(found[found >= 0], cur_ids).all()
-    assert 200 in hinted.search(keys[1400:1401])[0] and 200 in blind.search(keys[1400:1401])[0]
+        assert 200 in index.search(keys[1400:1401])[0]
+        centroid = cb.keys[cb.row_of(300)].numpy()[None]
+        assert index.search(centroid)[0, 0] == 300  # indexed under the retrained key
 
 
-def test_sync_is_free_when_the_generation_is_unchanged(monkeypatch):
+def test_routing_does_no_index_upkeep(monkeypatch):
     cb = codebook_with(clustered_keys(800))
+    router = Router(cb, HopfieldRetriever(alpha=0.1, beta=20.0, steps=1, threshold=0.8))
     index = small_index()
-    index.sync(cb)
+    router.attach(index)
 
     def fail(*_a, **_k):
-        raise AssertionError("sync did work although the codebook did not change")
+        raise AssertionError("the index did work although the codebook did not change")
 
-    monkeypatch.setattr(index, "_reconcile_all", fail)
     monkeypatch.setattr(index, "_reconcile", fail)
     monkeypatch.setattr(index, "rebuild", fail)
-    index.sync(cb)
-    index.candidate_provider(cb)(torch.from_numpy(clustered_keys(2, seed=5)))
+    router.apply([])
+    router.route(torch.from_numpy(clustered_keys(2, seed=5)))
 
 
 def test_exact_scan_below_pq_min_keys_then_quantised_once_grown():
     keys = clustered_keys(1500)
     cb = codebook_with(keys[:300])
-    index = small_index(pq_min_keys=1200)
-    index.sync(cb)
+    index, view = small_index(pq_min_keys=1200), KeysView(cb)
+    index.reset(view)
     assert index.kind == "pca32-flat"
     q = paraphrases(keys[:300:5])
     assert (index.search(q)[:, 0] == exact_top1(q, keys[:300], np.arange(1, 301))).all()  # exact in PCA space
     for i in range(300, 1500):
-        cb.add(i + 1, torch.from_numpy(keys[i]), torch.zeros(2), [i])
-        index.sync(cb)
+        index.apply([cb.add(i + 1, torch.from_numpy(keys[i]), torch.zeros(2), [i])], view)
     assert index.kind == "pca32-pq16x4fs-refine2048" and len(index) == 1500
     q = paraphrases(keys[::7])
     assert (index.search(q) == exact_top1(q, keys, np.arange(1, 1501))[:, None]).any(axis=1).all()
@@ -347,15 +359,14 @@ def test_compaction_keeps_survivors_searchable_past_the_tombstone_cap(pq_min_key
     assert (found == exact_top1(q, keys[kept], kept)[:, None]).any(axis=1).all()
 
 
-def test_sync_refits_the_projection_when_the_codebook_doubles():
+def test_apply_refits_the_projection_when_the_codebook_doubles():
     keys = clustered_keys(2000)
     cb = codebook_with(keys[:600])
-    index = small_index(pq_min_keys=10**6)  # the projection's refit alone
-    index.sync(cb)
+    index, view = small_index(pq_min_keys=10**6), KeysView(cb)  # the projection's refit alone
+    index.reset(view)
     assert index._fit_count == 600
     for i in range(600, 1300):
-        cb.add(i + 1, torch.from_numpy(keys[i]), torch.zeros(2), [i])
-        index.sync(cb)
+        index.apply([cb.add(i + 1, torch.from_numpy(keys[i]), torch.zeros(2), [i])], view)
     assert index._fit_count == 1200 and len(index) == 1300
 
 
@@ -363,9 +374,9 @@ def test_prefiltered_routing_equals_exact_routing():
     keys = clustered_keys(4000, cluster=32, spread=0.7)
     cb = codebook_with(keys)
     index = small_index(top_k=32)
-    index.sync(cb)
-    provide = index.candidate_provider(cb)
     retriever = HopfieldRetriever(alpha=0.1, beta=20.0, steps=1, threshold=0.8)
+    router = Router(cb, retriever)
+    router.attach(index)
     rng = np.random.default_rng(3)
     src = rng.choice(len(keys), 600, replace=False)
     near = np.concatenate([paraphrases(keys[src[:300]], 0.9), paraphrases(keys[src[300:]], 0.82, seed=2)])
@@ -373,11 +384,12 @@ def test_prefiltered_routing_equals_exact_routing():
     queries = F.normalize(torch.from_numpy(np.concatenate([near, unrelated])), dim=-1)
     order = cb.row_entry_ids
     exact = retriever.route(queries, cb.keys, order=order)
-    candidates = provide(queries)
+    candidates = index.candidates(queries, router.keys)
     assert candidates is not None
     pre = retriever.route(queries, cb.keys, candidates, order=order)
     assert (exact.rows[:600] >= 0).float().mean() > 0.9  # the check is about real hits
     assert torch.equal(pre.rows, exact.rows)
+    assert torch.equal(router.route(queries).rows, exact.rows)
     hit = exact.rows >= 0
     assert torch.allclose(pre.scores[hit], exact.scores[hit], atol=1e-3)
 
@@ -385,11 +397,10 @@ def test_prefiltered_routing_equals_exact_routing():
 def test_provider_with_support_hands_over_the_nearest_candidates_by_exact_cosine():
     keys = clustered_keys(4000, cluster=32, spread=0.7)
     cb = codebook_with(keys)
-    index = small_index(top_k=32)
-    index.sync(cb)
-    wide, narrow = index.candidate_provider(cb), index.candidate_provider(cb, support=8)
+    index, view = small_index(top_k=32), KeysView(cb)
+    index.reset(view)
     queries = F.normalize(torch.from_numpy(paraphrases(keys[::40], 0.85)), dim=-1)
-    all32, best8 = wide(queries), narrow(queries)
+    all32, best8 = index.candidates(queries, view), index.candidates(queries, view, support=8)
     assert all32.shape == (len(queries), 32) and best8.shape == (len(queries), 8)
     cos = torch.bmm(cb.keys[all32.clamp(min=0)], queries[:, :, None]).squeeze(-1).masked_fill(all32 < 0, -2)
     expected = all32.gather(1, cos.topk(8, dim=1).indices)
@@ -401,9 +412,10 @@ def test_provider_with_support_hands_over_the_nearest_candidates_by_exact_cosine
     assert torch.equal(retriever.route(queries, cb.keys, best8, order=order).rows, exact.rows)
     assert torch.equal(retriever.route(queries, cb.keys, all32, order=order).rows, exact.rows)
     # fewer keys than candidates: the padding stays padding, never a row
-    few = codebook_with(keys[:5])
+    few = KeysView(codebook_with(keys[:5]))
     tiny = small_index(top_k=32)
-    rows = tiny.candidate_provider(few, support=8)(queries[:3])
+    tiny.reset(few)
+    rows = tiny.candidates(queries[:3], few, support=8)
     assert rows.shape == (3, 8) and sorted(rows[0].tolist()) == [-1, -1, -1, 0, 1, 2, 3, 4]
 
 
@@ -442,3 +454,54 @@ def test_the_re_rank_vectors_sit_on_huge_pages_after_a_build_and_after_growing()
     assert all(huge_bytes(v) >= 48 << 20 for v in refine_vectors())
     q = paraphrases(keys[:50], seed=32)
     assert (index.search(q)[:, 0] == np.arange(50)).mean() > 0.9
+
+
+def _watched(cls: type) -> type:
+    """A subclass of ``cls`` that fails any read of its private attributes from the service's code."""
+
+    def __getattribute__(self, name: str):
+        if name.startswith("_") and not name.startswith("__"):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("service"):
+                raise AssertionError(f"{caller} read {cls.__name__}.{name}")
+        return object.__getattribute__(self, name)
+
+    return type(f"Watched{cls.__name__}", (cls,), {"__getattribute__": __getattribute__})
+
+
+def test_the_index_reads_the_codebook_only_through_the_keys_view(tmp_path):
+    keys = clustered_keys(1600)
+    cb = _watched(Codebook)(DIM, 2)
+    for i in range(300):
+        cb.add(i + 1, torch.from_numpy(keys[i]), torch.zeros(2), [i])
+    router = Router(cb, HopfieldRetriever(alpha=0.1, beta=20.0, steps=2, threshold=0.8, support=8))
+    router.keys = _watched(KeysView)(cb)
+    index = small_index(min_keys=500)
+    router.attach(index)
+    queries = torch.from_numpy(paraphrases(keys[:1200:50]))
+    ids = list(range(301, 1201))
+    router.apply(cb.add_many(ids, torch.from_numpy(keys[300:1200]), torch.zeros(900, 2), [[i] for i in ids], ids))
+    assert index.kind == "pca32-pq16x4fs-refine2048"  # built from the changes alone
+    router.apply([cb.retrain(5000, 7, torch.from_numpy(keys[1300]), torch.ones(2)), cb.rollback(9)])
+    assert router.route(queries).rows.shape == (len(queries),)
+    assert index.candidates(queries, router.keys, 8).shape == (len(queries), 8)
+    cb.save(tmp_path / "cb.safetensors")
+    cb.load(tmp_path / "cb.safetensors")
+    router.reloaded()
+    assert len(index) == len(cb) == 1199
+
+
+def test_the_index_package_imports_no_codebook_internals():
+    """service.index takes from horen_core only the change records, the keys view and huge pages."""
+    allowed = {
+        "horen_core.codebook": {"CodebookChange"},
+        "horen_core.routing": {"KeysView"},
+        "horen_core": {"hugepages"},
+    }
+    package = Path(__file__).resolve().parents[2] / "service" / "index"
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("horen_core") for a in node.names), path.name
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("horen_core"):
+                assert {a.name for a in node.names} <= allowed.get(node.module, set()), f"{path.name}: {node.module}"
