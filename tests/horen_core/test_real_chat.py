@@ -70,3 +70,25 @@ def test_the_same_question_about_another_subject_keeps_its_answer(chat_editor):
             unedited = chat_editor.generate([other, chat_prompt(chat_editor, other)], max_new_tokens=16)
         for got, base in zip(edited, unedited):
             assert got.edit_id is None and got.text == base.text, (other, got.text)
+
+
+OTHER_RELATIONS = ("Where was {} born?", "When did {} die?", "Who owns {}?", "What is the population of {}?")
+
+
+def test_another_relation_of_the_same_subject_keeps_its_answer(chat_editor):
+    """The relation gate: questions about an edited subject that ask something else are answered by
+    the unedited model (without the gate the key sends most of them to the edit), while the edited
+    questions' rephrases still get the edit."""
+    kept, asked, rephrased = 0, 0, 0
+    for r in PLAIN + CHAT:
+        others = [t.format(r["subject"]) for t in OTHER_RELATIONS]
+        prompts = others + [chat_prompt(chat_editor, q) for q in others]
+        edited = chat_editor.generate(prompts, max_new_tokens=16)
+        with chat_editor.unedited():
+            unedited = chat_editor.generate(prompts, max_new_tokens=16)
+        kept += sum(got.edit_id is None and got.text == base.text for got, base in zip(edited, unedited))
+        asked += len(prompts)
+        rephrased += r["answers"][0] in chat_editor.generate([r["rephrase"]], max_new_tokens=24)[0].text
+    # measured 34 of 48 (without the gate: 0); the leaks are near relations ("Who owns X?" after "What company made X?")
+    assert kept >= 0.6 * asked, f"{kept} of {asked} same-subject prompts of another relation kept their answer"
+    assert rephrased >= len(PLAIN + CHAT) - 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 
 import torch
 from fastapi.testclient import TestClient
@@ -73,9 +74,10 @@ def test_a_gate_file_of_another_model_is_refused(tmp_path, tiny_model_dir):
     write_gate(tiny_model_dir, gate_file, threshold=0.5, fingerprint="another-model")
     settings = make_settings(tmp_path, tiny_model_dir, relation_gate=gate_file)
     with TestClient(create_app(settings)) as c:
-        for _ in range(200):
+        for _ in range(600):  # until the load has failed ("the model is still loading" before that)
             ready = c.get("/readyz")
-            if ready.status_code == 503 and "model" in ready.text:
+            if "another model" in ready.text:
                 break
+            time.sleep(0.05)
         assert ready.status_code == 503
         assert "fitted for another model" in ready.text
