@@ -12,7 +12,7 @@ target."""
 
 from horen_core.codebook import Codebook, CodebookChange
 from horen_core.config import HorenConfig
-from horen_core.editor import EditResult, Generation, HorenEditor
+from horen_core.editor import EditResult, Generation, HorenEditor, TrainedEdit
 from horen_core.errors import (
     ConfigError,
     CorruptStateError,
@@ -36,6 +36,7 @@ __all__ = [
     "HorenEditor",
     "HorenError",
     "InvalidInputError",
+    "TrainedEdit",
     "UnknownEditError",
     "UnsupportedModelError",
     "default_model_path",

@@ -1,6 +1,7 @@
-"""HorenEditor: wraps one MLP down-projection of a causal LM with a HoReN codebook and offers edit,
-rollback, routed generation and scoring. Torch + transformers only; knows nothing of HTTP or
-databases. All public methods take the editor's lock, so one editor may be shared by threads.
+"""HorenEditor: wraps one MLP down-projection of a causal LM with a HoReN codebook and offers edits
+(``train`` a value, ``apply`` it to the codebook; ``edit`` does both), rollback, routed generation
+and scoring. Torch + transformers only; knows nothing of HTTP or databases. All public methods take
+the editor's lock, so one editor may be shared by threads.
 
 Editing trains one value vector. Only what can change is computed: the layers below the edited one
 (and the edited layer itself) run once per edit, because their activations do not depend on the
@@ -42,10 +43,11 @@ _UNEDITED: ContextVar[bool] = ContextVar("horen_unedited", default=False)
 
 
 @dataclass(frozen=True)
-class EditResult:
-    edit_id: int
-    entry_id: int | None  # None only for a new entry not yet applied (apply=False)
-    created: bool  # a new key, or the retrained value of a key with the same answer
+class TrainedEdit:
+    """An edit's trained key and value, not yet in the codebook (``HorenEditor.train``)."""
+
+    entry_id: int | None  # the entry it retrains (its key routes there, same answer); None: a new entry
+    created: bool  # a new entry (True), or a new value for the entry its key routes to
     steps: int
     loss: float
     seconds: float
@@ -54,6 +56,13 @@ class EditResult:
     answer: tuple[int, ...]
     subject: str = ""  # the name a prompt must mention to be routed to this edit ("" = any prompt)
     gate: torch.Tensor | None = None  # the question's relation vector, on cpu (None: no relation gate)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EditResult(TrainedEdit):
+    """An edit trained and applied (``HorenEditor.edit``): ``entry_id`` is the entry it is in."""
+
+    edit_id: int
 
 
 @dataclass(frozen=True)
@@ -142,7 +151,7 @@ class HorenEditor:
             )
 
     def check_edit(self, prompt: str, target: str, fmt: str = "auto") -> None:
-        """Raise ``InvalidInputError`` for an edit that ``edit`` would refuse, without training it."""
+        """Raise ``InvalidInputError`` for an edit that ``train`` would refuse, without training it."""
         question, _ = resolve_question(self.chat, prompt, fmt)
         self._contexts(question, target)
 
@@ -448,17 +457,10 @@ class HorenEditor:
         return (mask.cumsum(dim=1) - 1).clamp(min=0)
 
     # ---- editing ----------------------------------------------------------------------------
-    def edit(
-        self,
-        prompt: str,
-        target: str,
-        edit_id: int | None = None,
-        apply: bool = True,
-        fmt: str = "auto",
-        subject: str | None = None,
-    ) -> EditResult:
-        """Insert prompt -> target: reuse the key the prompt matches when its answer is the same,
-        otherwise add a key; train the value until greedy decoding reproduces the target.
+    def train(self, prompt: str, target: str, fmt: str = "auto", subject: str | None = None) -> TrainedEdit:
+        """Train prompt -> target without changing the codebook: reuse the key the prompt matches
+        when its answer is the same (``entry_id``), otherwise a new key; the value is trained until
+        greedy decoding reproduces the target. ``apply`` puts the result in the codebook.
 
         ``fmt`` says how ``prompt`` is written: ``plain`` text, ``chat`` (the user message, or a prompt
         already in the chat template), or ``auto`` (chat when it is in the template). Either way the
@@ -467,9 +469,6 @@ class HorenEditor:
 
         ``subject`` is the name a prompt must mention to be routed to this edit (``horen_core.subjects``);
         None infers it from the question, "" applies the edit wherever its key routes.
-
-        With ``apply=False`` the codebook is left unchanged (``entry_id`` is the reused entry or
-        None for a new one); the caller persists the result first and then calls ``apply_version``.
         """
         t0 = time.perf_counter()
         question, _ = resolve_question(self.chat, prompt, fmt)
@@ -477,12 +476,6 @@ class HorenEditor:
         subject = resolve_subject(question, subject)
         target_ids = contexts[0].target
         with self.lock:
-            if edit_id is None:
-                edit_id = max(self._next_edit_id, max(self.codebook.edit_ids(), default=0) + 1)
-            if apply:
-                self._next_edit_id = max(self._next_edit_id, edit_id + 1)
-            if apply and self.codebook.entry_of_edit(edit_id) is not None:
-                raise InvalidInputError(f"edit id {edit_id} is already in use")
             for ctx in contexts:
                 self._prepare(ctx)
             query = F.normalize(torch.stack([c.query for c in contexts]).mean(0), dim=-1)
@@ -495,19 +488,8 @@ class HorenEditor:
                 reuse = None  # a conflicting edit gets its own key
             init = self.codebook.values[self.codebook.row_of(reuse)].clone() if reuse is not None else None
             value, steps, loss = self._train_value(contexts, init)
-            entry_id = reuse
-            if apply:
-                if reuse is None:
-                    change = self.codebook.add(edit_id, query, value, target_ids)
-                    entry_id = change.entry_id
-                else:
-                    change = self.codebook.retrain(edit_id, reuse, query, value)
-                self.router.apply([change])
-                self.subjects[edit_id] = subject
-                self._set_relation(edit_id, gate)
-        return EditResult(
-            edit_id=edit_id,
-            entry_id=entry_id,
+        return TrainedEdit(
+            entry_id=reuse,
             created=reuse is None,
             steps=steps,
             loss=loss,
@@ -519,6 +501,40 @@ class HorenEditor:
             gate=gate.detach().cpu() if gate is not None else None,
         )
 
+    def apply(self, edit_id: int, trained: TrainedEdit, entry_id: int | None = None) -> CodebookChange:
+        """Put ``trained`` in the codebook as edit ``edit_id``: in ``entry_id`` when the caller
+        assigned it (a database), else in the entry it retrains or a new one."""
+        entry_id = trained.entry_id if entry_id is None else entry_id
+        with self.lock:
+            if self.codebook.entry_of_edit(edit_id) is not None:
+                raise InvalidInputError(f"edit id {edit_id} is already in use")
+            if entry_id is not None:
+                return self.apply_version(
+                    edit_id, entry_id, trained.key, trained.value, trained.answer, trained.subject, trained.gate
+                )
+            change = self.codebook.add(edit_id, trained.key, trained.value, trained.answer)
+            self.router.apply([change])
+            self._own(edit_id, trained.subject, trained.gate)
+            return change
+
+    def edit(
+        self,
+        prompt: str,
+        target: str,
+        edit_id: int | None = None,
+        fmt: str = "auto",
+        subject: str | None = None,
+    ) -> EditResult:
+        """``train`` and ``apply`` in one step, as edit ``edit_id`` (None: the next free id)."""
+        t0 = time.perf_counter()
+        with self.lock:
+            trained = self.train(prompt, target, fmt=fmt, subject=subject)
+            if edit_id is None:
+                edit_id = max(self._next_edit_id, max(self.codebook.edit_ids(), default=0) + 1)
+            change = self.apply(edit_id, trained)
+        fields = {**vars(trained), "entry_id": change.entry_id, "seconds": time.perf_counter() - t0}
+        return EditResult(**fields, edit_id=edit_id)
+
     def _edit_relation(self, contexts: list[_Context], subject: str) -> torch.Tensor | None:
         """An edit's relation vector: the unit mean of its question's in every context it is trained in."""
         if self.gate is None or any(c.span_x is None for c in contexts):
@@ -528,6 +544,12 @@ class HorenEditor:
             for c in contexts
         ]
         return F.normalize(torch.stack(vecs).mean(0), dim=-1)
+
+    def _own(self, edit_id: int, subject: str, gate: torch.Tensor | None) -> None:
+        """What the editor keeps of an edit that is now in the codebook, beside it."""
+        self._next_edit_id = max(self._next_edit_id, edit_id + 1)
+        self.subjects[edit_id] = subject
+        self._set_relation(edit_id, gate)
 
     def _set_relation(self, edit_id: int, gate: torch.Tensor | None) -> None:
         if gate is None:
@@ -738,9 +760,6 @@ class HorenEditor:
     ) -> CodebookChange:
         """Mirror an edit trained elsewhere (a log replay or another replica) without retraining."""
         with self.lock:
-            self._next_edit_id = max(self._next_edit_id, edit_id + 1)
-            self.subjects[edit_id] = subject
-            self._set_relation(edit_id, gate)
             if not self.codebook.has_entry(entry_id):
                 change = self.codebook.add(edit_id, key, value, answer, entry_id=entry_id)
             elif self.codebook.entry(entry_id).answer != tuple(answer):
@@ -748,6 +767,7 @@ class HorenEditor:
             else:
                 change = self.codebook.retrain(edit_id, entry_id, key, value)
             self.router.apply([change])
+            self._own(edit_id, subject, gate)
             return change
 
     def apply_versions(
@@ -781,10 +801,8 @@ class HorenEditor:
                     )
                     self.router.apply(added)
                     changes.extend(added)
-                    self._next_edit_id = max(self._next_edit_id, max(edit_ids[i] for i in run) + 1)
-                    self.subjects.update((edit_ids[i], subjects[i]) for i in run)
                     for i in run:
-                        self._set_relation(edit_ids[i], gates[i])
+                        self._own(edit_ids[i], subjects[i], gates[i])
                     run.clear()
 
             for i, entry_id in enumerate(entry_ids):

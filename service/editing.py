@@ -74,11 +74,11 @@ class EditingService:
         t0 = time.perf_counter()
         for _attempt in range(self.settings.conflict_retries + 1):
             replication.sync()
-            res = editor.edit(prompt, target, edit_id=0, apply=False, fmt=format, subject=subject)
+            trained = editor.train(prompt, target, fmt=format, subject=subject)
             expected = None
-            if res.entry_id is not None:
+            if trained.entry_id is not None:
                 with self.sessions() as session:
-                    expected = repo.entry_version(session, codebook_id, res.entry_id)
+                    expected = repo.entry_version(session, codebook_id, trained.entry_id)
             try:
                 with self.sessions.begin() as session:
                     replication.lock_and_catch_up(session)
@@ -90,18 +90,18 @@ class EditingService:
                         prompt=prompt,
                         target=target,
                         metadata=metadata,
-                        entry_id=res.entry_id,
-                        created_entry=res.created,
-                        steps=res.steps,
-                        loss=res.loss,
-                        train_ms=res.seconds * 1000,
-                        answer_ids=list(res.answer),
-                        key=repo.tensor_to_bytes(res.key),
-                        value=repo.tensor_to_bytes(res.value),
+                        entry_id=trained.entry_id,
+                        created_entry=trained.created,
+                        steps=trained.steps,
+                        loss=trained.loss,
+                        train_ms=trained.seconds * 1000,
+                        answer_ids=list(trained.answer),
+                        key=repo.tensor_to_bytes(trained.key),
+                        value=repo.tensor_to_bytes(trained.value),
                         expected_entry_version=expected,
                         created_by=by,
-                        subject=res.subject,
-                        gate=repo.tensor_to_bytes(res.gate) if res.gate is not None else None,
+                        subject=trained.subject,
+                        gate=repo.tensor_to_bytes(trained.gate) if trained.gate is not None else None,
                     )
                     session.flush()
                     if item is not None:
@@ -109,7 +109,7 @@ class EditingService:
                     event_id = replication.announce(session)
             except repo.EntryConflict:
                 continue  # catch up with what the other replica did, then train again
-            editor.apply_version(row.id, row.entry_id, res.key, res.value, res.answer, res.subject, res.gate)
+            editor.apply(row.id, trained, entry_id=row.entry_id)
             replication.record(event_id, "edit", row.id)
             replication.changed()
             self.metrics.edits.inc()

@@ -1,6 +1,6 @@
 """Editing on tiny models: an edit changes what its prompt generates, rollback restores exactly what
-was there before, conflicting edits get their own key, ``edit(apply=False)`` + ``apply_version``
-mirror ``edit()``, and a saved codebook reloads into identical routing and outputs."""
+was there before, conflicting edits get their own key, ``train`` + ``apply`` mirror ``edit()``, and
+a saved codebook reloads into identical routing and outputs."""
 
 from __future__ import annotations
 
@@ -97,12 +97,12 @@ def test_edit_ids_are_fresh_and_explicit_ids_are_honoured(editor):
     assert editor.codebook.edit_ids() == sorted([a.edit_id, 40, c.edit_id])
 
 
-def test_edit_without_apply_leaves_codebook_unchanged(editor):
+def test_train_leaves_codebook_unchanged(editor):
     editor.edit("who wrote", "Alice")
     before_state = editor.codebook.state_dict()
     before_gen = gen(editor, [PROMPT, "who wrote"])
     generation = editor.codebook.generation
-    res = editor.edit(PROMPT, "Rome", apply=False)
+    res = editor.train(PROMPT, "Rome")
     assert res.created and res.entry_id is None
     assert editor.codebook.generation == generation
     for k, v in editor.codebook.state_dict().items():
@@ -111,18 +111,19 @@ def test_edit_without_apply_leaves_codebook_unchanged(editor):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_apply_version_mirrors_edit_exactly(arch, tiny_factory, tiny_tokenizer, make_editor):
-    """Two replicas with the same model: one edits in place, the other trains without applying and
-    then applies the result. Their codebooks end up bit-identical, for a new entry and a retrain."""
+def test_train_then_apply_mirrors_edit_exactly(arch, tiny_factory, tiny_tokenizer, make_editor):
+    """Two replicas with the same model: one edits in place, the other trains and then applies the
+    result under the id and entry the first gave it (as a database would). Their codebooks end up
+    bit-identical, for a new entry and a retrain."""
     a = make_editor(tiny_factory(arch), tiny_tokenizer, CFG)
     b = make_editor(tiny_factory(arch), tiny_tokenizer, CFG)
     for prompt, target in [(PROMPT, "Rome"), ("who wrote", "Alice"), (PROMPT, "Rome")]:
         ra = a.edit(prompt, target)
-        rb = b.edit(prompt, target, apply=False)
-        assert (rb.edit_id, rb.created, rb.answer, rb.steps) == (ra.edit_id, ra.created, ra.answer, ra.steps)
+        rb = b.train(prompt, target)
+        assert (rb.created, rb.answer, rb.steps) == (ra.created, ra.answer, ra.steps)
         assert torch.equal(ra.value, rb.value) and torch.equal(ra.key, rb.key)
         assert rb.entry_id == (None if rb.created else ra.entry_id)
-        change = b.apply_version(rb.edit_id, ra.entry_id, rb.key, rb.value, rb.answer, rb.subject)
+        change = b.apply(ra.edit_id, rb, entry_id=ra.entry_id)
         assert change.entry_id == ra.entry_id
         assert change.kind == ("created" if ra.created else "retrained")
         sa, sb = a.codebook.state_dict(), b.codebook.state_dict()
@@ -144,10 +145,11 @@ def test_apply_versions_replays_a_log_like_apply_version_one_by_one(tiny_factory
         (PROMPT, "Rome"),
         ("who wrote", "Alice"),
     ]:
-        r = src.edit(prompt, target, apply=False)
-        entry = r.entry_id if r.entry_id is not None else r.edit_id
-        src.apply_version(r.edit_id, entry, r.key, r.value, r.answer)
-        log.append((r.edit_id, entry, r.key, r.value, r.answer))
+        r = src.train(prompt, target)
+        edit_id = len(log) + 1
+        entry = r.entry_id if r.entry_id is not None else edit_id
+        src.apply_version(edit_id, entry, r.key, r.value, r.answer)
+        log.append((edit_id, entry, r.key, r.value, r.answer))
     assert len({e for _, e, *_ in log}) < len(log)  # the log holds a retrain
     one = make_editor(tiny_factory(), tiny_tokenizer, CFG)
     for edit_id, entry, key, value, answer in log:

@@ -38,7 +38,7 @@ def test_every_codebook_change_reaches_the_attached_index(tiny_llama, make_edito
     assert index.calls == [("reset", 1)]
     made = editor.edit("Alice plays", "chess")
     gone = editor.rollback(made.edit_id)
-    trained = editor.edit("who wrote", "Bob", apply=False)
+    trained = editor.train("who wrote", "Bob")
     mirrored = editor.apply_version(77, 50, trained.key, trained.value, trained.answer)
     replayed = editor.apply_versions(
         [78, 79], [60, 50], torch.stack([trained.key] * 2), torch.stack([trained.value] * 2), [[5], trained.answer]
