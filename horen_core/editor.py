@@ -311,15 +311,16 @@ class HorenEditor:
     @torch.no_grad()
     def generate(
         self,
-        prompts: Sequence[str],
-        max_new_tokens: int = 32,
+        prompts: Sequence[str | Sequence[int]],
+        max_new_tokens: int | Sequence[int] = 32,
         temperature: float = 0.0,
-        prompt_ids: Sequence[Sequence[int]] | None = None,
         min_new_tokens: int = 0,
         top_p: float = 1.0,
         stream: RowStream | None = None,
     ) -> list[Generation]:
         """Generate continuations for a batch; each row is routed on its own, once, in the prefill.
+        A prompt is text or token ids (a list or tuple, used as they are); ``max_new_tokens`` is
+        every row's budget or each row's (the batch runs to the largest, each row is cut at its own).
 
         A routed row runs with its edit's value until the text states the edit's target; from
         there the unedited model continues it (the prompt and the text so far prefilled again
@@ -332,11 +333,13 @@ class HorenEditor:
         of a row's calls is its ``token_ids``. A routed row's tokens are held back until it has
         stated its target (a row that misses it is answered again, so its start is never sent).
         ``stream`` returning False stops that row; its result is then what it was sent."""
-        seqs = (
-            [list(s) for s in prompt_ids]
-            if prompt_ids is not None
-            else [self.encode_prompt(p, reserve=max_new_tokens) for p in prompts]
-        )
+        limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(limits) != len(prompts):
+            raise InvalidInputError(f"{len(limits)} budgets for {len(prompts)} prompts")
+        seqs = [
+            list(p) if isinstance(p, list | tuple) else self.encode_prompt(p, reserve=n)
+            for p, n in zip(prompts, limits)
+        ]
         gen_kwargs = {
             "do_sample": temperature > 0,
             "pad_token_id": self.tokenizer.pad_token_id,
@@ -344,9 +347,9 @@ class HorenEditor:
         if temperature > 0:
             gen_kwargs.update(temperature=temperature, top_k=0, top_p=top_p)
         ids, mask = self._pad_left(seqs)
-        budget = max_new_tokens
+        budget = max(limits)
         eos = self.tokenizer.eos_token_id
-        release = _Release(stream, len(seqs), eos, budget) if stream is not None else None
+        release = _Release(stream, eos, limits) if stream is not None else None
         with self.lock:
             plan = self._question_plan(seqs, [len(q) for q in seqs], ids.shape[1])
             stop = _TargetStated(self, plan, ids.shape[1])
@@ -381,6 +384,7 @@ class HorenEditor:
                 toks = toks[: toks.index(eos)]
             if release is not None:
                 toks = release.finish(i, toks)
+            toks = toks[: limits[i]]
             entry = plan.entry_ids[i] if plan.entry_ids else None
             score = float(plan.scores[i]) if plan.scores is not None else 0.0
             text = self.tokenizer.decode(toks, skip_special_tokens=True)
@@ -887,11 +891,11 @@ class _StopForward(Exception):
 
 class _Release:
     """The tokens ``generate`` hands to a ``stream`` hook: each row's final tokens, once known, sent
-    once, cut at the end of text and the budget; rows whose hook returned False are stopped."""
+    once, cut at the end of text and the row's budget; rows whose hook returned False are stopped."""
 
-    def __init__(self, stream: RowStream, rows: int, eos: int | None, budget: int) -> None:
-        self.stream, self.eos, self.budget = stream, eos, budget
-        self.sent: list[list[int]] = [[] for _ in range(rows)]
+    def __init__(self, stream: RowStream, eos: int | None, budgets: list[int]) -> None:
+        self.stream, self.eos, self.budgets = stream, eos, budgets
+        self.sent: list[list[int]] = [[] for _ in budgets]
         self.ended: set[int] = set()  # reached the end of text or the budget: nothing more to send
         self.cancelled: set[int] = set()
 
@@ -910,9 +914,9 @@ class _Release:
             if self.eos is not None and self.eos in new:
                 new = new[: new.index(self.eos)]
                 self.ended.add(i)
-            new = new[: self.budget - len(self.sent[i])]
+            new = new[: self.budgets[i] - len(self.sent[i])]
             self.sent[i] += new
-            if len(self.sent[i]) >= self.budget:
+            if len(self.sent[i]) >= self.budgets[i]:
                 self.ended.add(i)
         if not self.stream(i, new):
             self.cancelled.add(i)

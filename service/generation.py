@@ -146,7 +146,6 @@ class Generator:
                 j.future.set_exception(exc)
         if not ok:
             return
-        n = max(j.max_new_tokens for j, _ in ok)
         rows = [_RowText(editor.tokenizer, j, self.metrics) for j, _ in ok]
         # the row hook costs a decode per step, so only batches that stream or stop early get it
         hook = any(r.sink is not None or r.stops for r in rows)
@@ -159,10 +158,9 @@ class Generator:
                 torch.manual_seed(seed)
             with contextlib.nullcontext() if edited else editor.unedited():
                 gens = editor.generate(
-                    [],
-                    max_new_tokens=n,
+                    [ids for _, ids in ok],
+                    max_new_tokens=[j.max_new_tokens for j, _ in ok],
                     temperature=temperature,
-                    prompt_ids=[ids for _, ids in ok],
                     top_p=top_p,
                     stream=(lambda i, ids: rows[i].push(ids)) if hook else None,
                 )
@@ -172,11 +170,10 @@ class Generator:
             return
         self.metrics.generate_batch.observe(len(ok))
         for (j, ids), g, row in zip(ok, gens, rows):
-            toks = g.token_ids[: j.max_new_tokens]
-            text, stopped = cut_at_stop(editor.tokenizer.decode(toks, skip_special_tokens=True), row.stops)
+            text, stopped = cut_at_stop(g.text, row.stops)
             row.finish(text)
-            finish = "stop" if stopped or len(toks) < j.max_new_tokens else "length"
+            finish = "stop" if stopped or len(g.token_ids) < j.max_new_tokens else "length"
             routing = (g.score, editor.config.threshold) if edited else (None, None)
-            j.future.set_result(GenerateResult(text, g.edit_id, finish, len(ids), len(toks), *routing))
+            j.future.set_result(GenerateResult(text, g.edit_id, finish, len(ids), len(g.token_ids), *routing))
             self.metrics.generate_latency.observe(time.perf_counter() - j.accepted)
         log.debug("generated %d in %.3fs", len(ok), time.perf_counter() - t0)

@@ -65,7 +65,7 @@ def test_a_plain_edit_routes_its_chat_formatted_question(tiny_llama, chat_tokeni
     editor = make_editor(model, chat_tokenizer, HorenConfig(layer=1))
     res = editor.edit("the capital of France is", "Rome")
     chat_ids = editor.chat.render("the capital of France is").ids
-    got = editor.generate([], max_new_tokens=2, prompt_ids=[chat_ids])[0]
+    got = editor.generate([chat_ids], max_new_tokens=2)[0]
     assert got.entry_id == res.entry_id and got.score > editor.config.threshold
 
 
@@ -82,7 +82,7 @@ def test_a_routed_row_is_handed_to_the_unedited_model_after_its_target(tiny_llam
     ids = editor.encode_prompt(prompt) + list(res.answer)
     rest = n - len(res.answer)
     with editor.unedited():
-        unedited = editor.generate([], max_new_tokens=rest, min_new_tokens=rest, prompt_ids=[ids])[0]
+        unedited = editor.generate([ids], max_new_tokens=rest, min_new_tokens=rest)[0]
     assert got.token_ids[len(res.answer) :] == unedited.token_ids
     # and differs from letting the value run on, so the hand-over is what made it so
     with editor.lock:

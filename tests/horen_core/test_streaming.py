@@ -1,6 +1,6 @@
 """The ``stream`` hook of ``HorenEditor.generate``: what it sends is each row's result, in order; a
 routed row's edited start is held back until it states its target (and never sent when it misses);
-a row whose hook returns False stops without changing the others."""
+a row whose hook returns False stops without changing the others; each row may have its own budget."""
 
 from __future__ import annotations
 
@@ -94,3 +94,17 @@ def test_a_held_row_can_be_stopped_before_anything_was_sent(editor):
     got = editor.generate(PROMPTS, max_new_tokens=n, min_new_tokens=n, stream=rec)
     assert got[2].token_ids == [] and rec.calls[2] == [[]]
     assert got[2].edit_id is not None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_each_row_is_cut_at_its_own_budget(editor, stream):
+    n = 14
+    budgets = [3, n, 5, 1]
+    plain = editor.generate(PROMPTS, max_new_tokens=n, min_new_tokens=n)
+    rec = Recorder()
+    got = editor.generate(PROMPTS, max_new_tokens=budgets, min_new_tokens=n, stream=rec if stream else None)
+    for i, (g, budget) in enumerate(zip(got, budgets)):
+        assert g.token_ids == plain[i].token_ids[:budget]
+        assert g.text == editor.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+        if stream:
+            assert rec.sent(i) == g.token_ids
