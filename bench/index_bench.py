@@ -210,7 +210,7 @@ def unit_queries(prompts: list[str], batch: int = 64) -> torch.Tensor:
             for j, r in enumerate(rows):
                 ids[j, : len(encoded[r])] = torch.tensor(encoded[r])
                 mask[j, : len(encoded[r])] = 1
-            x = editor._lower_pass(ids)["x"]
+            x = editor.trainer.lower_pass(ids)["x"]
             out[rows] = compute_queries(x, mask, cfg.query_strategy, cfg.query_fraction).float().cpu()
     return out
 

@@ -3,10 +3,9 @@
 and scoring. Torch + transformers only; knows nothing of HTTP or databases. All public methods take
 the editor's lock, so one editor may be shared by threads.
 
-Editing trains one value vector. Only what can change is computed: the layers below the edited one
-(and the edited layer itself) run once per edit, because their activations do not depend on the
-value; each step then runs the layers above on that cached hidden state, with the value added at
-the question's last token, and projects to logits only at the target positions.
+The editor owns the model, the codebook and routing (which entry a question reads, through the
+subject and relation gates); training a value is ``horen_core.training``'s and generating with the
+routed values is ``horen_core.generation``'s.
 """
 
 from __future__ import annotations
@@ -15,31 +14,28 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
-from transformers import LogitsProcessor, StoppingCriteria
 
 from horen_core.codebook import Codebook, CodebookChange
 from horen_core.config import HorenConfig
 from horen_core.errors import CorruptStateError, InvalidInputError
 from horen_core.gate import RelationGate, gate_features, subject_mask
-from horen_core.layer import HorenLayer, InjectPlan, RoutePlan, activate, compute_queries
+from horen_core.generation import Decoder, Generation, RowStream, pad_left, positions, unedited
+from horen_core.layer import HorenLayer, RoutePlan
 from horen_core.modeling import ModelAdapter, model_fingerprint, module_dims
 from horen_core.prompting import ChatFormat, Rendered, resolve_question
 from horen_core.retrieval import HopfieldRetriever
 from horen_core.routing import CandidateIndex, Router
 from horen_core.subjects import mentions, resolve_subject
+from horen_core.training import ValueTrainer, _Context
 
-# called by generate per row and step with the row's newly final tokens; False stops the row
-RowStream = Callable[[int, list[int]], bool]
-
-_UNEDITED: ContextVar[bool] = ContextVar("horen_unedited", default=False)
+__all__ = ["EditResult", "Generation", "HorenEditor", "RowStream", "TrainedEdit"]
 
 
 @dataclass(frozen=True)
@@ -63,15 +59,6 @@ class EditResult(TrainedEdit):
     """An edit trained and applied (``HorenEditor.edit``): ``entry_id`` is the entry it is in."""
 
     edit_id: int
-
-
-@dataclass(frozen=True)
-class Generation:
-    text: str
-    token_ids: list[int]
-    entry_id: int | None  # the codebook entry that routed this prompt
-    edit_id: int | None  # the newest live edit of that entry
-    score: float  # cosine of the refined query with its best key (0 when the codebook is empty)
 
 
 class HorenEditor:
@@ -121,9 +108,12 @@ class HorenEditor:
         if self.config.relation_gate and not self.config.reference_procedure:
             self.set_gate(RelationGate.shipped(self.fingerprint))
         self._next_edit_id = 1
-        self._prefix_cache_ok: bool | None = None  # checked on the first fast-path edit
-        self._batched_ok: bool | None = None  # checked on the first edit with several contexts
-        self._continues_word: torch.Tensor | None = None  # vocabulary mask, built on the first hand-over
+        self.trainer = ValueTrainer(
+            model, self.layer, self.adapter, self.config, value_dim, self.device, self.input_device, self.multi_device
+        )
+        self.decoder = Decoder(
+            model, tokenizer, self.codebook, self._question_plan, self.encode_prompt, self.lock, self.input_device
+        )
 
     # ---- identity ---------------------------------------------------------------------------
     @property
@@ -253,29 +243,16 @@ class HorenEditor:
             for q in questions
             for ids in [self.encode_prompt(q)]
         ]
-        ids, mask = self._pad_left([r.ids for r in rendered])
-        plan = InjectPlan(self.layer, capture=True)
-
-        def stop(_module, _inputs, _output):
-            raise _StopForward  # nothing above the edited layer is needed
-
-        handle = self.adapter.layers[self.adapter.layer_index].register_forward_hook(stop)
-        try:
-            with self.lock, activate(plan):
-                self.model(input_ids=ids, attention_mask=mask, position_ids=self._positions(mask), logits_to_keep=1)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
+        ids, mask = pad_left([r.ids for r in rendered], self.tokenizer.pad_token_id, self.input_device)
+        with self.lock:
+            captured = self.trainer.layer_input(ids, mask, positions(mask))
         width = ids.shape[1]
         out = []
         for i, (r, subject) in enumerate(zip(rendered, subjects)):
             off = width - len(r.ids)
             span = r.ids[r.start : r.end]
             out.append(
-                gate_features(
-                    plan.captured[i, off + r.start : off + r.end], subject_mask(span, subject, self.tokenizer)
-                )
+                gate_features(captured[i, off + r.start : off + r.end], subject_mask(span, subject, self.tokenizer))
             )
         return torch.stack(out).cpu()
 
@@ -298,17 +275,6 @@ class HorenEditor:
             spans.append(_Span(off + a, list(s[a:b])))
         return self._route_plan(mask.to(self.input_device), texts, spans)
 
-    def _pad_left(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        t = max(len(s) for s in seqs)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(seqs), t), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), t), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, t - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[i, t - len(s) :] = 1
-        return ids.to(self.input_device), mask.to(self.input_device)
-
-    @torch.no_grad()
     def generate(
         self,
         prompts: Sequence[str | Sequence[int]],
@@ -318,147 +284,23 @@ class HorenEditor:
         top_p: float = 1.0,
         stream: RowStream | None = None,
     ) -> list[Generation]:
-        """Generate continuations for a batch; each row is routed on its own, once, in the prefill.
-        A prompt is text or token ids (a list or tuple, used as they are); ``max_new_tokens`` is
-        every row's budget or each row's (the batch runs to the largest, each row is cut at its own).
+        """Routed generation for a batch, each routed row handed to the unedited model once it has
+        stated its edit's target; see ``Decoder.generate``."""
+        return self.decoder.generate(prompts, max_new_tokens, temperature, min_new_tokens, top_p, stream)
 
-        A routed row runs with its edit's value until the text states the edit's target; from
-        there the unedited model continues it (the prompt and the text so far prefilled again
-        without the value), so what follows the edited fact reads as the model's own text. A row
-        that has not stated the target a few tokens past its length is answered by the unedited
-        model from the prompt: the edit did not apply to it.
-
-        ``stream(row, ids)``, when given, is called on this thread after every decoding step, for
-        every row, with that row's tokens that have become final (often none): the concatenation
-        of a row's calls is its ``token_ids``. A routed row's tokens are held back until it has
-        stated its target (a row that misses it is answered again, so its start is never sent).
-        ``stream`` returning False stops that row; its result is then what it was sent."""
-        limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        if len(limits) != len(prompts):
-            raise InvalidInputError(f"{len(limits)} budgets for {len(prompts)} prompts")
-        seqs = [
-            list(p) if isinstance(p, list | tuple) else self.encode_prompt(p, reserve=n)
-            for p, n in zip(prompts, limits)
-        ]
-        gen_kwargs = {
-            "do_sample": temperature > 0,
-            "pad_token_id": self.tokenizer.pad_token_id,
-        }
-        if temperature > 0:
-            gen_kwargs.update(temperature=temperature, top_k=0, top_p=top_p)
-        ids, mask = self._pad_left(seqs)
-        budget = max(limits)
-        eos = self.tokenizer.eos_token_id
-        release = _Release(stream, eos, limits) if stream is not None else None
-        with self.lock:
-            plan = self._question_plan(seqs, [len(q) for q in seqs], ids.shape[1])
-            stop = _TargetStated(self, plan, ids.shape[1])
-            kwargs = {**gen_kwargs, "max_new_tokens": budget, "min_new_tokens": min(min_new_tokens, budget)}
-            rows = list(range(len(seqs)))
-            edited = not _UNEDITED.get()
-            watch = [stop] if edited else []
-            if release:
-                watch.append(release.pass_over(rows, ids.shape[1], hold=stop if edited else None))
-            with activate(plan if edited else None):
-                out = self.model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=watch, **kwargs)
-            owners = [self.codebook.owner_edit(e) if e is not None else None for e in plan.entry_ids]
-            new = out[:, ids.shape[1] :].tolist()
-            for i, n in stop.stated.items():
-                new[i] = [] if i in stop.missed else new[i][:n]
-            rest = [i for i, n in stop.stated.items() if len(new[i]) < budget and not (release and release.stopped(i))]
-            if rest:  # hand the rows that stated their target to the unedited model
-                more, more_mask = self._pad_left([seqs[i] + new[i] for i in rest])
-                left = max(budget - len(new[i]) for i in rest)
-                floor = max(min_new_tokens - min(len(new[i]) for i in rest), 0)
-                kwargs = {**gen_kwargs, "max_new_tokens": left, "min_new_tokens": min(floor, left)}
-                watch = [release.pass_over(rest, more.shape[1], before=[new[i] for i in rest])] if release else []
-                ends = _WordEnds(self._word_continuations(), more.shape[1], self._mid_word(rest, new, stop.missed))
-                tail = self.model.generate(
-                    input_ids=more, attention_mask=more_mask, stopping_criteria=watch, logits_processor=[ends], **kwargs
-                )
-                for row, i in enumerate(rest):
-                    new[i] = new[i] + tail[row, more.shape[1] :].tolist()[: budget - len(new[i])]
-        results = []
-        for i, toks in enumerate(new):
-            if eos is not None and eos in toks:
-                toks = toks[: toks.index(eos)]
-            if release is not None:
-                toks = release.finish(i, toks)
-            toks = toks[: limits[i]]
-            entry = plan.entry_ids[i] if plan.entry_ids else None
-            score = float(plan.scores[i]) if plan.scores is not None else 0.0
-            text = self.tokenizer.decode(toks, skip_special_tokens=True)
-            results.append(Generation(text, toks, entry, owners[i] if plan.entry_ids else None, score))
-        return results
-
-    def _mid_word(self, rows: list[int], new: list[list[int]], missed: set[int]) -> list[int]:
-        """Positions in ``rows`` whose stated target ends in a letter or digit."""
-        out = []
-        for b, i in enumerate(rows):
-            text = self.tokenizer.decode(new[i], skip_special_tokens=True) if i not in missed else ""
-            if text[-1:].isalnum():
-                out.append(b)
-        return out
-
-    def _word_continuations(self) -> torch.Tensor:
-        """[vocab] True for tokens that extend the word before them: their text starts with neither
-        whitespace nor closing punctuation."""
-        if self._continues_word is None:
-            # decoded after an anchor word: tokenizers that drop a piece's leading space alone keep it here
-            n = self.model.get_output_embeddings().weight.shape[0]
-            anchor = self.tokenizer("a", add_special_tokens=False)["input_ids"][:1]
-            base = self.tokenizer.decode(anchor)
-            texts = self.tokenizer.batch_decode([anchor + [i] for i in range(min(n, len(self.tokenizer)))])
-            flags = [t.startswith(base) and _extends(t[len(base) : len(base) + 1]) for t in texts]
-            self._continues_word = torch.tensor(flags + [False] * (n - len(flags)), dtype=torch.bool)
-        return self._continues_word
-
-    @torch.no_grad()
     def forward_logits(
-        self,
-        seqs: Sequence[Sequence[int]],
-        prompt_lengths: Sequence[int],
-        keep_last: int = 0,
+        self, seqs: Sequence[Sequence[int]], prompt_lengths: Sequence[int], keep_last: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, list[int | None]]:
-        """Routed teacher-forced forward over left-padded ``seqs``; routing sees only the first
-        ``prompt_lengths[i]`` tokens of each row. Returns (logits, attention mask, routed entries);
-        with ``keep_last`` > 0 only the last that many positions' logits are computed."""
-        ids, mask = self._pad_left(seqs)
-        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": self._positions(mask)}
-        if keep_last:
-            kwargs["logits_to_keep"] = keep_last
-        with self.lock:
-            plan = self._question_plan(seqs, prompt_lengths, ids.shape[1])
-            with activate(None if _UNEDITED.get() else plan):
-                logits = self.model(**kwargs).logits
-        return logits, mask, plan.entry_ids or [None] * len(seqs)
+        """Routed teacher-forced logits; see ``Decoder.forward_logits``."""
+        return self.decoder.forward_logits(seqs, prompt_lengths, keep_last)
 
-    @torch.no_grad()
     def greedy(self, seqs: Sequence[Sequence[int]], n: int) -> list[list[int]]:
-        """Exactly ``n`` greedy tokens after each row of token ids, routed once in the prefill and
-        never handed over: the decoding the paper's metrics score."""
-        ids, mask = self._pad_left(seqs)
-        kwargs = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False}
-        with self.lock:
-            plan = self._question_plan(seqs, [len(q) for q in seqs], ids.shape[1])
-            with activate(None if _UNEDITED.get() else plan):
-                out = self.model.generate(
-                    input_ids=ids, attention_mask=mask, pad_token_id=self.tokenizer.pad_token_id, **kwargs
-                )
-        return out[:, ids.shape[1] :].tolist()
+        """Exactly ``n`` routed greedy tokens after each row, never handed over; see ``Decoder.greedy``."""
+        return self.decoder.greedy(seqs, n)
 
-    @contextlib.contextmanager
-    def unedited(self) -> Iterator[None]:
+    def unedited(self) -> contextlib.AbstractContextManager[None]:
         """Within this block (on this thread or task) generation and scoring use the unedited model."""
-        token = _UNEDITED.set(True)
-        try:
-            yield
-        finally:
-            _UNEDITED.reset(token)
-
-    @staticmethod
-    def _positions(mask: torch.Tensor) -> torch.Tensor:
-        return (mask.cumsum(dim=1) - 1).clamp(min=0)
+        return unedited()
 
     # ---- editing ----------------------------------------------------------------------------
     def train(self, prompt: str, target: str, fmt: str = "auto", subject: str | None = None) -> TrainedEdit:
@@ -481,7 +323,7 @@ class HorenEditor:
         target_ids = contexts[0].target
         with self.lock:
             for ctx in contexts:
-                self._prepare(ctx)
+                self.trainer.prepare(ctx)
             query = F.normalize(torch.stack([c.query for c in contexts]).mean(0), dim=-1)
             gate = self._edit_relation(contexts, subject)
             _, entry_ids, _ = self._router(
@@ -491,7 +333,7 @@ class HorenEditor:
             if reuse is not None and self.codebook.entry(reuse).answer != tuple(target_ids):
                 reuse = None  # a conflicting edit gets its own key
             init = self.codebook.values[self.codebook.row_of(reuse)].clone() if reuse is not None else None
-            value, steps, loss = self._train_value(contexts, init)
+            value, steps, loss = self.trainer.train_value(contexts, init)
         return TrainedEdit(
             entry_id=reuse,
             created=reuse is None,
@@ -573,175 +415,6 @@ class HorenEditor:
             if reply and len(rendered.ids) + len(reply) <= self.max_context:
                 out.append(_Context(rendered, list(reply)))
         return out
-
-    def _prepare(self, ctx: _Context) -> None:
-        """Run the unedited layers below the edit once: the query over the question's span and
-        the hidden states training starts from."""
-        r = ctx.rendered
-        ctx.ids = r.ids + ctx.target[:-1]
-        ids = torch.tensor([ctx.ids], device=self.input_device)
-        span = torch.zeros_like(ids)
-        span[0, r.start : r.end] = 1
-        found = self._lower_pass(ids)
-        ctx.hidden = found.get("h")
-        ctx.query = compute_queries(found["x"], span, self.config.query_strategy, self.config.query_fraction)[0]
-        ctx.span_x = found["x"][0, r.start : r.end]
-
-    @torch.no_grad()
-    def _lower_pass(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One unedited forward that records the edited layer's input and its decoder layer's output."""
-        plan = InjectPlan(self.layer, capture=True)
-        found: dict[str, torch.Tensor] = {}
-        handle = None
-        if self.adapter.supports_fast_path and not self.config.reference_procedure and not self.multi_device:
-
-            def hook(_module, _inputs, output):
-                found["h"] = (output[0] if isinstance(output, tuple) else output).detach()
-                raise _StopForward
-
-            handle = self.adapter.layers[self.adapter.layer_index].register_forward_hook(hook)
-        try:
-            with activate(plan):
-                self.model(input_ids=ids)
-        except _StopForward:
-            pass  # nothing above the edited layer is needed from this pass
-        finally:
-            if handle is not None:
-                handle.remove()
-        found["x"] = plan.captured
-        return found
-
-    def _train_value(self, contexts: list[_Context], init: torch.Tensor | None) -> tuple[torch.Tensor, int, float]:
-        """One value for every context: the mean cross-entropy of the target tokens over them.
-        Stops once every context decodes the target greedily and the mean NLL is below
-        ``stop_loss`` (or after ``max_steps``)."""
-        cfg = self.config
-        dv = self.codebook.value_dim
-        value = (init.clone() if init is not None else torch.zeros(dv, device=self.device)).float()
-        value.requires_grad_(True)
-        opt = torch.optim.Adam([value], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
-        steps, loss_value = 0, float("nan")
-        forward = self._contexts_forward(contexts)
-        targets = [torch.tensor(c.target, device=self.device) for c in contexts]
-        for step in range(cfg.max_steps + 1):
-            losses, solved = [], True
-            for logits, target in zip(forward(value), targets):
-                logits = logits.float()
-                losses.append(F.cross_entropy(logits, target))
-                solved &= bool((logits.argmax(-1) == target).all())
-            loss = torch.stack(losses).mean()
-            loss_value = float(loss.detach())
-            if step == cfg.max_steps:
-                break
-            if solved and loss_value < cfg.stop_loss and not cfg.reference_procedure:
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-        del opt, forward
-        return value.detach(), steps, loss_value
-
-    def _contexts_forward(self, contexts: list[_Context]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
-        """value -> each context's logits at its target positions: one batched pass over the layers
-        above when every context can use the prefix cache (checked once against separate passes),
-        else one pass per context."""
-        spans = [(c.rendered.end - 1, len(c.rendered.ids) - 1, len(c.target)) for c in contexts]
-        batchable = (
-            len(contexts) > 1
-            and all(c.hidden is not None and p > 0 for c, (p, _, _) in zip(contexts, spans))
-            and self._prefix_cache_ok is not False
-            and self._batched_ok is not False
-        )
-        if batchable and self._batched_ok:
-            return self._batched_forward(contexts, spans)
-        singles = [self._step_forward(c.ids, p, first, m, c.hidden) for c, (p, first, m) in zip(contexts, spans)]
-
-        def each(value: torch.Tensor) -> list[torch.Tensor]:
-            return [f(value) for f in singles]
-
-        if batchable and self._prefix_cache_ok:  # verify once that batching changes nothing
-            batched = self._batched_forward(contexts, spans)
-            with torch.no_grad():
-                probe = torch.randn(self.codebook.value_dim, device=self.device) * 10
-                ref, got = each(probe), batched(probe)
-            tol = 1e-3 if self.model_dtype == torch.float32 else 5e-2
-            self._batched_ok = all(
-                torch.allclose(a.float(), b.float(), atol=tol * a.abs().max().item()) for a, b in zip(ref, got)
-            )
-            if self._batched_ok:
-                return batched
-        return each
-
-    def _batched_forward(
-        self, contexts: list[_Context], spans: list[tuple[int, int, int]]
-    ) -> Callable[[torch.Tensor], list[torch.Tensor]]:
-        dtype = self.model_dtype
-        caches = [self.adapter.prefix_cache(c.hidden[:, :p]) for c, (p, _, _) in zip(contexts, spans)]
-        suffixes = [c.hidden[:, p:] for c, (p, _, _) in zip(contexts, spans)]
-        positions = [slice(first - p, first - p + m) for p, first, m in spans]
-        batch = self.adapter.suffix_batch(caches, [p for p, _, _ in spans], [x.shape[1] for x in suffixes])
-
-        onehots = []
-        for x in suffixes:  # the value goes in at each suffix's first position
-            onehot = torch.zeros(1, x.shape[1], 1, device=self.device, dtype=dtype)
-            onehot[0, 0] = 1
-            onehots.append(onehot)
-
-        def batched(value: torch.Tensor) -> list[torch.Tensor]:
-            v = value.to(dtype)
-            rows = [x + onehot * v for x, onehot in zip(suffixes, onehots)]
-            return self.adapter.upper_logits_batched(rows, batch, positions)
-
-        return batched
-
-    def _step_forward(
-        self, seq: list[int], p: int, first: int, count: int, hidden: torch.Tensor | None
-    ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """value (added at position ``p``) -> logits [count, vocab] at positions first.., by the
-        cheapest exact route."""
-        dtype = self.model_dtype
-        ids = torch.tensor([seq], device=self.input_device)
-        if hidden is None:  # the full model (reference procedure, or a family without a fast path)
-
-            def full(value: torch.Tensor) -> torch.Tensor:
-                plan = InjectPlan(self.layer, positions=torch.tensor([p]), values=value[None])
-                with activate(plan):
-                    return self.model(input_ids=ids).logits[0, first : first + count]
-
-            return full
-        s = hidden.shape[1]
-        if p > 0 and self._prefix_cache_ok is not False:
-            cache = self.adapter.prefix_cache(hidden[:, :p])
-            suffix = hidden[:, p:]
-            onehot = torch.zeros(1, s - p, 1, device=self.device, dtype=dtype)
-            onehot[0, 0] = 1
-            lo = first - p
-
-            def cached(value: torch.Tensor) -> torch.Tensor:
-                out = self.adapter.upper_logits_suffix(
-                    suffix + onehot * value.to(dtype), p, cache, slice(lo, lo + count)
-                )
-                return out[0]
-
-            if self._prefix_cache_ok is None:  # verify once that this model honours the cache
-                with torch.no_grad():
-                    ref = self.adapter.upper_logits(hidden, slice(first, first + count))[0]
-                    got = cached(torch.zeros(self.codebook.value_dim, device=self.device))
-                tol = 1e-3 if dtype == torch.float32 else 5e-2
-                self._prefix_cache_ok = bool(
-                    torch.allclose(ref.float(), got.float(), atol=tol * ref.abs().max().item())
-                )
-                if not self._prefix_cache_ok:
-                    return self._step_forward(seq, p, first, count, hidden)
-            return cached
-        onehot = torch.zeros(1, s, 1, device=self.device, dtype=dtype)
-        onehot[0, p] = 1
-
-        def upper(value: torch.Tensor) -> torch.Tensor:
-            return self.adapter.upper_logits(hidden + onehot * value.to(dtype), slice(first, first + count))[0]
-
-        return upper
 
     # ---- rollback & state -------------------------------------------------------------------
     def rollback(self, edit_id: int) -> CodebookChange:
@@ -861,164 +534,12 @@ class HorenEditor:
         setattr(parent, child, self.layer.base_layer)
 
 
-_WORD_ENDERS = set(".,;:!?)]}\"'")
-
-
-def _extends(first: str) -> bool:
-    return bool(first) and not first.isspace() and first not in _WORD_ENDERS
-
-
-class _WordEnds(LogitsProcessor):
-    """The unedited model's first token after a stated target does not extend its last word: an
-    edited "AS Togo-Port" is not continued into "AS Togo-Porto" or "AS Togo-Port-Lavo", nor "1793"
-    into "17931"; it goes on with a space, punctuation or the end of the answer."""
-
-    def __init__(self, continues_word: torch.Tensor, width: int, rows: list[int]) -> None:
-        self.continues_word, self.width, self.rows = continues_word, width, rows
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape[1] != self.width or not self.rows:
-            return scores
-        ban = self.continues_word.to(scores.device)
-        rows = torch.tensor(self.rows, device=scores.device)
-        scores[rows[:, None], ban.nonzero().view(1, -1)] = float("-inf")
-        return scores
-
-
-class _StopForward(Exception):
-    pass
-
-
-class _Release:
-    """The tokens ``generate`` hands to a ``stream`` hook: each row's final tokens, once known, sent
-    once, cut at the end of text and the row's budget; rows whose hook returned False are stopped."""
-
-    def __init__(self, stream: RowStream, eos: int | None, budgets: list[int]) -> None:
-        self.stream, self.eos, self.budgets = stream, eos, budgets
-        self.sent: list[list[int]] = [[] for _ in budgets]
-        self.ended: set[int] = set()  # reached the end of text or the budget: nothing more to send
-        self.cancelled: set[int] = set()
-
-    def stopped(self, i: int) -> bool:
-        return i in self.cancelled
-
-    def offer(self, i: int, toks: list[int] | None) -> None:
-        """Row ``i``'s final tokens so far (from its first; None: none known yet); sends what is new."""
-        if i in self.cancelled:
-            return
-        new: list[int] = []
-        if toks is not None and i not in self.ended:
-            if toks[: len(self.sent[i])] != self.sent[i]:
-                raise CorruptStateError(f"row {i}'s tokens changed after they were streamed")
-            new = toks[len(self.sent[i]) :]
-            if self.eos is not None and self.eos in new:
-                new = new[: new.index(self.eos)]
-                self.ended.add(i)
-            new = new[: self.budgets[i] - len(self.sent[i])]
-            self.sent[i] += new
-            if len(self.sent[i]) >= self.budgets[i]:
-                self.ended.add(i)
-        if not self.stream(i, new):
-            self.cancelled.add(i)
-
-    def finish(self, i: int, toks: list[int]) -> list[int]:
-        """Row ``i``'s result: its final tokens, the rest of them sent; a stopped row's, what it was sent."""
-        if i not in self.cancelled and i not in self.ended:
-            self.offer(i, toks)
-        return self.sent[i]
-
-    def pass_over(
-        self, rows: list[int], width: int, hold: _TargetStated | None = None, before: list[list[int]] | None = None
-    ) -> _Released:
-        return _Released(self, rows, width, hold, before or [[] for _ in rows])
-
-
-class _Released(StoppingCriteria):
-    """One ``model.generate`` pass of ``_Release``: batch row b is generate's row ``rows[b]``, whose
-    tokens before this pass are ``before[b]``. With ``hold`` (the pass's ``_TargetStated``, which
-    must run first), a routed row's tokens are final only once it has stated its target."""
-
-    def __init__(
-        self, release: _Release, rows: list[int], width: int, hold: _TargetStated | None, before: list[list[int]]
-    ) -> None:
-        self.release, self.rows, self.width, self.hold, self.before = release, rows, width, hold, before
-        self.tails: list[list[int]] = [[] for _ in rows]
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        k = input_ids.shape[1] - self.width - len(self.tails[0])
-        for tail, row in zip(self.tails, input_ids[:, input_ids.shape[1] - k :].tolist()):
-            tail += row
-        routed = (self.hold.answers or {}) if self.hold is not None else {}
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for b, i in enumerate(self.rows):
-            if i not in routed:
-                self.release.offer(i, self.before[b] + self.tails[b])
-            elif i in self.hold.stated and i not in self.hold.missed:
-                self.release.offer(i, self.tails[b][: self.hold.stated[i]])
-            else:  # held: it may yet miss its target and be answered again
-                self.release.offer(i, None)
-            done[b] = self.release.stopped(i)
-        return done
-
-
-_PATIENCE = 8
-
-
-class _TargetStated(StoppingCriteria):
-    """Stops each routed row once its generated text contains its edit's target, or once it has run
-    ``_PATIENCE`` tokens past the target's length without it (those rows are in ``missed``);
-    ``stated`` maps the stopped rows to how many tokens they had then."""
-
-    def __init__(self, editor: HorenEditor, plan: RoutePlan, prompt_width: int) -> None:
-        self.editor, self.plan, self.width = editor, plan, prompt_width
-        self.answers: dict[int, str] | None = None
-        self.patience: dict[int, int] = {}
-        self.stated: dict[int, int] = {}
-        self.missed: set[int] = set()
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        if self.answers is None:  # routing happened in the prefill that produced the first token
-            tok, cb = self.editor.tokenizer, self.editor.codebook
-            self.answers = {
-                i: tok.decode(list(cb.entry(e).answer)).strip()
-                for i, e in enumerate(self.plan.entry_ids)
-                if e is not None
-            }
-            # a row that has not stated its target a few tokens past its length is answered unedited
-            self.patience = {i: len(cb.entry(self.plan.entry_ids[i]).answer) + _PATIENCE for i in self.answers}
-        n = input_ids.shape[1] - self.width
-        for i, answer in self.answers.items():
-            if i in self.stated:
-                done[i] = True
-            elif answer and answer in self.editor.tokenizer.decode(input_ids[i, self.width :].tolist()):
-                self.stated[i] = n
-                done[i] = True
-            elif n >= self.patience[i]:
-                self.stated[i] = n
-                self.missed.add(i)
-                done[i] = True
-        return done
-
-
 @dataclass
 class _Span:
     """A question's tokens and where they start in a padded batch row."""
 
     start: int
     ids: list[int]
-
-
-@dataclass
-class _Context:
-    """One rendering of an edit's question and what training needs of it."""
-
-    rendered: Rendered
-    target: list[int]
-    ids: list[int] = field(default_factory=list)  # prompt + target but its last token
-    hidden: torch.Tensor | None = None
-    query: torch.Tensor | None = None
-    span_x: torch.Tensor | None = None  # the layer input over the question's span [n, dk]
 
 
 def _json(d: dict) -> str:

@@ -40,7 +40,7 @@ def test_upper_logits_equal_full_model_logits(tiny_model, make_editor, layer):
     assert editor.adapter.supports_fast_path
     ids, p, target = case(editor)
     m = len(target)
-    hidden = editor._lower_pass(ids)["h"]
+    hidden = editor.trainer.lower_pass(ids)["h"]
     value = some_value(editor)
     onehot = torch.zeros(1, ids.shape[1], 1)
     onehot[0, p] = 1
@@ -58,8 +58,8 @@ def test_training_step_forward_and_gradient_equal_full_model(tiny_model, make_ed
     editor = make_editor(*tiny_model, HorenConfig(layer=1))
     ids, p, target = case(editor)
     m = len(target)
-    hidden = editor._lower_pass(ids)["h"]
-    step = editor._step_forward(ids[0].tolist(), p, p, m, hidden)
+    hidden = editor.trainer.lower_pass(ids)["h"]
+    step = editor.trainer.step_forward(ids[0].tolist(), p, p, m, hidden)
     tgt = torch.tensor(target)
     for seed in range(2):
         v_fast = some_value(editor, seed).requires_grad_(True)
@@ -86,7 +86,7 @@ def test_lower_pass_captures_the_edited_layer_input(tiny_model, make_editor):
             editor.model(input_ids=ids)
     finally:
         handle.remove()
-    torch.testing.assert_close(editor._lower_pass(ids)["x"], seen["x"])
+    torch.testing.assert_close(editor.trainer.lower_pass(ids)["x"], seen["x"])
 
 
 def count_calls(module):
@@ -142,10 +142,10 @@ def test_batched_contexts_equal_separate_passes(tiny_model, make_editor):
     contexts = editor._contexts("who wrote the capital of France is", "Alice Bob")
     assert len(contexts) == 2 and len(contexts[0].rendered.ids) != len(contexts[1].rendered.ids)
     for c in contexts:
-        editor._prepare(c)
+        editor.trainer.prepare(c)
     spans = [(c.rendered.end - 1, len(c.rendered.ids) - 1, len(c.target)) for c in contexts]
-    batched = editor._batched_forward(contexts, spans)
-    singles = [editor._step_forward(c.ids, p, f, m, c.hidden) for c, (p, f, m) in zip(contexts, spans)]
+    batched = editor.trainer.batched_forward(contexts, spans)
+    singles = [editor.trainer.step_forward(c.ids, p, f, m, c.hidden) for c, (p, f, m) in zip(contexts, spans)]
     v_b = some_value(editor).requires_grad_(True)
     v_s = some_value(editor).requires_grad_(True)
     got, ref = batched(v_b), [f(v_s) for f in singles]

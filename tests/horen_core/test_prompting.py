@@ -86,9 +86,10 @@ def test_a_routed_row_is_handed_to_the_unedited_model_after_its_target(tiny_llam
     assert got.token_ids[len(res.answer) :] == unedited.token_ids
     # and differs from letting the value run on, so the hand-over is what made it so
     with editor.lock:
+        from horen_core.generation import pad_left
         from horen_core.layer import activate
 
-        ids_t, mask = editor._pad_left([editor.encode_prompt(prompt)])
+        ids_t, mask = pad_left([editor.encode_prompt(prompt)], editor.tokenizer.pad_token_id, editor.input_device)
         with activate(editor._route_plan(mask)):
             raw = editor.model.generate(
                 input_ids=ids_t,
@@ -122,18 +123,18 @@ def test_the_text_after_a_stated_target_starts_a_new_word(tiny_tokenizer, make_e
     """The hand-over's first token may not extend the target's last word ("Lima" -> "Limao")."""
     import torch
 
-    from horen_core.editor import _WordEnds
+    from horen_core.generation import _WordEnds
     from tests.conftest import build_tiny_model
 
     tok = copy.deepcopy(tiny_tokenizer)
     tok.add_tokens(["##o", "##s", "##-"])
     model = build_tiny_model("llama", len(tok))
     editor = make_editor(model, tok, HorenConfig(layer=1))
-    flags = editor._word_continuations()
+    flags = editor.decoder.word_continuations()
     pieces = {tok.convert_tokens_to_ids(t) for t in ("##o", "##s", "##-")}
     assert {int(i) for i in flags.nonzero()} == pieces, "only the word pieces extend a word (not '.' or '?')"
     lima = tok.convert_tokens_to_ids("Lima")
-    assert editor._mid_word([0, 1, 2], {0: [lima], 1: [tok.convert_tokens_to_ids("?")], 2: [lima]}, {2}) == [0]
+    assert editor.decoder.mid_word([0, 1, 2], {0: [lima], 1: [tok.convert_tokens_to_ids("?")], 2: [lima]}, {2}) == [0]
     scores = torch.zeros(2, flags.shape[0])
     ends = _WordEnds(flags, width=5, rows=[1])
     out = ends(torch.zeros(2, 5, dtype=torch.long), scores.clone())

@@ -1,0 +1,359 @@
+"""Routed generation: each row of a batch is routed once, in the prefill, by the editor's route
+plan; a routed row runs with its edit's value until it has stated the edit's target, and the
+unedited model writes the rest. Streams each row's final tokens to an optional hook. Knows nothing
+of how values are trained or stored beyond reading the codebook's answers."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor, StoppingCriteria
+
+from horen_core.codebook import Codebook
+from horen_core.errors import CorruptStateError, InvalidInputError
+from horen_core.layer import RoutePlan, activate
+
+# called by generate per row and step with the row's newly final tokens; False stops the row
+RowStream = Callable[[int, list[int]], bool]
+# (left-padded rows, how many of each row's first tokens hold its question, padded width) -> plan
+QuestionPlan = Callable[[Sequence[Sequence[int]], Sequence[int], int], RoutePlan]
+
+_UNEDITED: ContextVar[bool] = ContextVar("horen_unedited", default=False)
+
+
+@contextlib.contextmanager
+def unedited() -> Iterator[None]:
+    """Within this block (on this thread or task) generation and scoring use the unedited model."""
+    token = _UNEDITED.set(True)
+    try:
+        yield
+    finally:
+        _UNEDITED.reset(token)
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    token_ids: list[int]
+    entry_id: int | None  # the codebook entry that routed this prompt
+    edit_id: int | None  # the newest live edit of that entry
+    score: float  # cosine of the refined query with its best key (0 when the codebook is empty)
+
+
+def pad_left(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of ``seqs`` left-padded with ``pad`` to the longest, on ``device``."""
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, t - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, t - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows (padding at 0)."""
+    return (mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+class Decoder:
+    """Generation and scoring over the wrapped model, routed by ``plan`` (the editor's question
+    plan) unless the caller is inside ``unedited()``; every model call holds ``lock``."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        codebook: Codebook,
+        plan: QuestionPlan,
+        encode_prompt: Callable[..., list[int]],
+        lock: threading.RLock,
+        input_device: torch.device,
+    ) -> None:
+        self.model, self.tokenizer, self.codebook = model, tokenizer, codebook
+        self.plan, self.encode_prompt, self.lock = plan, encode_prompt, lock
+        self.input_device = input_device
+        self._continues_word: torch.Tensor | None = None  # vocabulary mask, built on the first hand-over
+
+    def _pad_left(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_left(seqs, self.tokenizer.pad_token_id, self.input_device)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        max_new_tokens: int | Sequence[int] = 32,
+        temperature: float = 0.0,
+        min_new_tokens: int = 0,
+        top_p: float = 1.0,
+        stream: RowStream | None = None,
+    ) -> list[Generation]:
+        """Generate continuations for a batch; each row is routed on its own, once, in the prefill.
+        A prompt is text or token ids (a list or tuple, used as they are); ``max_new_tokens`` is
+        every row's budget or each row's (the batch runs to the largest, each row is cut at its own).
+
+        A routed row runs with its edit's value until the text states the edit's target; from
+        there the unedited model continues it (the prompt and the text so far prefilled again
+        without the value), so what follows the edited fact reads as the model's own text. A row
+        that has not stated the target a few tokens past its length is answered by the unedited
+        model from the prompt: the edit did not apply to it.
+
+        ``stream(row, ids)``, when given, is called on this thread after every decoding step, for
+        every row, with that row's tokens that have become final (often none): the concatenation
+        of a row's calls is its ``token_ids``. A routed row's tokens are held back until it has
+        stated its target (a row that misses it is answered again, so its start is never sent).
+        ``stream`` returning False stops that row; its result is then what it was sent."""
+        limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(limits) != len(prompts):
+            raise InvalidInputError(f"{len(limits)} budgets for {len(prompts)} prompts")
+        seqs = [
+            list(p) if isinstance(p, list | tuple) else self.encode_prompt(p, reserve=n)
+            for p, n in zip(prompts, limits)
+        ]
+        gen_kwargs = {
+            "do_sample": temperature > 0,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if temperature > 0:
+            gen_kwargs.update(temperature=temperature, top_k=0, top_p=top_p)
+        ids, mask = self._pad_left(seqs)
+        budget = max(limits)
+        eos = self.tokenizer.eos_token_id
+        release = _Release(stream, eos, limits) if stream is not None else None
+        with self.lock:
+            plan = self.plan(seqs, [len(q) for q in seqs], ids.shape[1])
+            stop = _TargetStated(self.tokenizer, self.codebook, plan, ids.shape[1])
+            kwargs = {**gen_kwargs, "max_new_tokens": budget, "min_new_tokens": min(min_new_tokens, budget)}
+            rows = list(range(len(seqs)))
+            edited = not _UNEDITED.get()
+            watch = [stop] if edited else []
+            if release:
+                watch.append(release.pass_over(rows, ids.shape[1], hold=stop if edited else None))
+            with activate(plan if edited else None):
+                out = self.model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=watch, **kwargs)
+            owners = [self.codebook.owner_edit(e) if e is not None else None for e in plan.entry_ids]
+            new = out[:, ids.shape[1] :].tolist()
+            for i, n in stop.stated.items():
+                new[i] = [] if i in stop.missed else new[i][:n]
+            rest = [i for i, n in stop.stated.items() if len(new[i]) < budget and not (release and release.stopped(i))]
+            if rest:  # hand the rows that stated their target to the unedited model
+                more, more_mask = self._pad_left([seqs[i] + new[i] for i in rest])
+                left = max(budget - len(new[i]) for i in rest)
+                floor = max(min_new_tokens - min(len(new[i]) for i in rest), 0)
+                kwargs = {**gen_kwargs, "max_new_tokens": left, "min_new_tokens": min(floor, left)}
+                watch = [release.pass_over(rest, more.shape[1], before=[new[i] for i in rest])] if release else []
+                ends = _WordEnds(self.word_continuations(), more.shape[1], self.mid_word(rest, new, stop.missed))
+                tail = self.model.generate(
+                    input_ids=more, attention_mask=more_mask, stopping_criteria=watch, logits_processor=[ends], **kwargs
+                )
+                for row, i in enumerate(rest):
+                    new[i] = new[i] + tail[row, more.shape[1] :].tolist()[: budget - len(new[i])]
+        results = []
+        for i, toks in enumerate(new):
+            if eos is not None and eos in toks:
+                toks = toks[: toks.index(eos)]
+            if release is not None:
+                toks = release.finish(i, toks)
+            toks = toks[: limits[i]]
+            entry = plan.entry_ids[i] if plan.entry_ids else None
+            score = float(plan.scores[i]) if plan.scores is not None else 0.0
+            text = self.tokenizer.decode(toks, skip_special_tokens=True)
+            results.append(Generation(text, toks, entry, owners[i] if plan.entry_ids else None, score))
+        return results
+
+    def mid_word(self, rows: list[int], new: list[list[int]], missed: set[int]) -> list[int]:
+        """Positions in ``rows`` whose stated target ends in a letter or digit."""
+        out = []
+        for b, i in enumerate(rows):
+            text = self.tokenizer.decode(new[i], skip_special_tokens=True) if i not in missed else ""
+            if text[-1:].isalnum():
+                out.append(b)
+        return out
+
+    def word_continuations(self) -> torch.Tensor:
+        """[vocab] True for tokens that extend the word before them: their text starts with neither
+        whitespace nor closing punctuation."""
+        if self._continues_word is None:
+            # decoded after an anchor word: tokenizers that drop a piece's leading space alone keep it here
+            n = self.model.get_output_embeddings().weight.shape[0]
+            anchor = self.tokenizer("a", add_special_tokens=False)["input_ids"][:1]
+            base = self.tokenizer.decode(anchor)
+            texts = self.tokenizer.batch_decode([anchor + [i] for i in range(min(n, len(self.tokenizer)))])
+            flags = [t.startswith(base) and _extends(t[len(base) : len(base) + 1]) for t in texts]
+            self._continues_word = torch.tensor(flags + [False] * (n - len(flags)), dtype=torch.bool)
+        return self._continues_word
+
+    @torch.no_grad()
+    def forward_logits(
+        self,
+        seqs: Sequence[Sequence[int]],
+        prompt_lengths: Sequence[int],
+        keep_last: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int | None]]:
+        """Routed teacher-forced forward over left-padded ``seqs``; routing sees only the first
+        ``prompt_lengths[i]`` tokens of each row. Returns (logits, attention mask, routed entries);
+        with ``keep_last`` > 0 only the last that many positions' logits are computed."""
+        ids, mask = self._pad_left(seqs)
+        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)}
+        if keep_last:
+            kwargs["logits_to_keep"] = keep_last
+        with self.lock:
+            plan = self.plan(seqs, prompt_lengths, ids.shape[1])
+            with activate(None if _UNEDITED.get() else plan):
+                logits = self.model(**kwargs).logits
+        return logits, mask, plan.entry_ids or [None] * len(seqs)
+
+    @torch.no_grad()
+    def greedy(self, seqs: Sequence[Sequence[int]], n: int) -> list[list[int]]:
+        """Exactly ``n`` greedy tokens after each row of token ids, routed once in the prefill and
+        never handed over: the decoding the paper's metrics score."""
+        ids, mask = self._pad_left(seqs)
+        kwargs = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False}
+        with self.lock:
+            plan = self.plan(seqs, [len(q) for q in seqs], ids.shape[1])
+            with activate(None if _UNEDITED.get() else plan):
+                out = self.model.generate(
+                    input_ids=ids, attention_mask=mask, pad_token_id=self.tokenizer.pad_token_id, **kwargs
+                )
+        return out[:, ids.shape[1] :].tolist()
+
+
+_WORD_ENDERS = set(".,;:!?)]}\"'")
+
+
+def _extends(first: str) -> bool:
+    return bool(first) and not first.isspace() and first not in _WORD_ENDERS
+
+
+class _WordEnds(LogitsProcessor):
+    """The unedited model's first token after a stated target does not extend its last word: an
+    edited "AS Togo-Port" is not continued into "AS Togo-Porto" or "AS Togo-Port-Lavo", nor "1793"
+    into "17931"; it goes on with a space, punctuation or the end of the answer."""
+
+    def __init__(self, continues_word: torch.Tensor, width: int, rows: list[int]) -> None:
+        self.continues_word, self.width, self.rows = continues_word, width, rows
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] != self.width or not self.rows:
+            return scores
+        ban = self.continues_word.to(scores.device)
+        rows = torch.tensor(self.rows, device=scores.device)
+        scores[rows[:, None], ban.nonzero().view(1, -1)] = float("-inf")
+        return scores
+
+
+class _Release:
+    """The tokens ``generate`` hands to a ``stream`` hook: each row's final tokens, once known, sent
+    once, cut at the end of text and the row's budget; rows whose hook returned False are stopped."""
+
+    def __init__(self, stream: RowStream, eos: int | None, budgets: list[int]) -> None:
+        self.stream, self.eos, self.budgets = stream, eos, budgets
+        self.sent: list[list[int]] = [[] for _ in budgets]
+        self.ended: set[int] = set()  # reached the end of text or the budget: nothing more to send
+        self.cancelled: set[int] = set()
+
+    def stopped(self, i: int) -> bool:
+        return i in self.cancelled
+
+    def offer(self, i: int, toks: list[int] | None) -> None:
+        """Row ``i``'s final tokens so far (from its first; None: none known yet); sends what is new."""
+        if i in self.cancelled:
+            return
+        new: list[int] = []
+        if toks is not None and i not in self.ended:
+            if toks[: len(self.sent[i])] != self.sent[i]:
+                raise CorruptStateError(f"row {i}'s tokens changed after they were streamed")
+            new = toks[len(self.sent[i]) :]
+            if self.eos is not None and self.eos in new:
+                new = new[: new.index(self.eos)]
+                self.ended.add(i)
+            new = new[: self.budgets[i] - len(self.sent[i])]
+            self.sent[i] += new
+            if len(self.sent[i]) >= self.budgets[i]:
+                self.ended.add(i)
+        if not self.stream(i, new):
+            self.cancelled.add(i)
+
+    def finish(self, i: int, toks: list[int]) -> list[int]:
+        """Row ``i``'s result: its final tokens, the rest of them sent; a stopped row's, what it was sent."""
+        if i not in self.cancelled and i not in self.ended:
+            self.offer(i, toks)
+        return self.sent[i]
+
+    def pass_over(
+        self, rows: list[int], width: int, hold: _TargetStated | None = None, before: list[list[int]] | None = None
+    ) -> _Released:
+        return _Released(self, rows, width, hold, before or [[] for _ in rows])
+
+
+class _Released(StoppingCriteria):
+    """One ``model.generate`` pass of ``_Release``: batch row b is generate's row ``rows[b]``, whose
+    tokens before this pass are ``before[b]``. With ``hold`` (the pass's ``_TargetStated``, which
+    must run first), a routed row's tokens are final only once it has stated its target."""
+
+    def __init__(
+        self, release: _Release, rows: list[int], width: int, hold: _TargetStated | None, before: list[list[int]]
+    ) -> None:
+        self.release, self.rows, self.width, self.hold, self.before = release, rows, width, hold, before
+        self.tails: list[list[int]] = [[] for _ in rows]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        k = input_ids.shape[1] - self.width - len(self.tails[0])
+        for tail, row in zip(self.tails, input_ids[:, input_ids.shape[1] - k :].tolist()):
+            tail += row
+        routed = (self.hold.answers or {}) if self.hold is not None else {}
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for b, i in enumerate(self.rows):
+            if i not in routed:
+                self.release.offer(i, self.before[b] + self.tails[b])
+            elif i in self.hold.stated and i not in self.hold.missed:
+                self.release.offer(i, self.tails[b][: self.hold.stated[i]])
+            else:  # held: it may yet miss its target and be answered again
+                self.release.offer(i, None)
+            done[b] = self.release.stopped(i)
+        return done
+
+
+_PATIENCE = 8
+
+
+class _TargetStated(StoppingCriteria):
+    """Stops each routed row once its generated text contains its edit's target, or once it has run
+    ``_PATIENCE`` tokens past the target's length without it (those rows are in ``missed``);
+    ``stated`` maps the stopped rows to how many tokens they had then."""
+
+    def __init__(self, tokenizer, codebook: Codebook, plan: RoutePlan, prompt_width: int) -> None:
+        self.tokenizer, self.codebook, self.plan, self.width = tokenizer, codebook, plan, prompt_width
+        self.answers: dict[int, str] | None = None
+        self.patience: dict[int, int] = {}
+        self.stated: dict[int, int] = {}
+        self.missed: set[int] = set()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if self.answers is None:  # routing happened in the prefill that produced the first token
+            tok, cb = self.tokenizer, self.codebook
+            self.answers = {
+                i: tok.decode(list(cb.entry(e).answer)).strip()
+                for i, e in enumerate(self.plan.entry_ids)
+                if e is not None
+            }
+            # a row that has not stated its target a few tokens past its length is answered unedited
+            self.patience = {i: len(cb.entry(self.plan.entry_ids[i]).answer) + _PATIENCE for i in self.answers}
+        n = input_ids.shape[1] - self.width
+        for i, answer in self.answers.items():
+            if i in self.stated:
+                done[i] = True
+            elif answer and answer in self.tokenizer.decode(input_ids[i, self.width :].tolist()):
+                self.stated[i] = n
+                done[i] = True
+            elif n >= self.patience[i]:
+                self.stated[i] = n
+                self.missed.add(i)
+                done[i] = True
+        return done
