@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     for q in queries:
         _sync(device)
         t0 = time.perf_counter()
-        editor._router(q[None])
+        editor.routing.route(q[None])
         _sync(device)
         route_ms.append((time.perf_counter() - t0) * 1000)
 

@@ -91,7 +91,7 @@ def test_right_padded_prompt_mask_routes_each_row_on_its_own(edited):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
         prompt_mask[i, :n] = 1
-    plan = edited._route_plan(prompt_mask)
+    plan = edited.routing.route_plan(prompt_mask)
     with torch.no_grad(), activate(plan):
         right = edited.model(input_ids=ids, attention_mask=mask).logits
     assert plan.done
@@ -104,7 +104,7 @@ def test_right_padded_prompt_mask_routes_each_row_on_its_own(edited):
 
     # and each row's query is the one it gets alone
     for i, (s, n) in enumerate(zip(seqs, lens)):
-        single = edited._route_plan(torch.ones(1, n, dtype=torch.long))
+        single = edited.routing.route_plan(torch.ones(1, n, dtype=torch.long))
         with torch.no_grad(), activate(single):
             edited.model(input_ids=torch.tensor([s[:n]]))
         torch.testing.assert_close(plan.queries[i], single.queries[0], atol=1e-5, rtol=1e-5)

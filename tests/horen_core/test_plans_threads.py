@@ -29,7 +29,7 @@ def editor(tiny_model, make_editor):
 def routed_forward(editor, prompt: str, before_layers=None, in_router=None):
     """One routed forward of ``prompt`` outside the editor's lock, with optional rendezvous points."""
     ids = torch.tensor([editor.encode_prompt(prompt)])
-    plan = editor._route_plan(torch.ones_like(ids))
+    plan = editor.routing.route_plan(torch.ones_like(ids))
     if in_router is not None:
         router = plan.router
 
@@ -112,7 +112,7 @@ def test_concurrent_generate_calls_equal_single_thread(editor):
 
 def test_plan_is_inactive_outside_its_context(editor):
     ids = torch.tensor([editor.encode_prompt(PROMPTS[0])])
-    plan = editor._route_plan(torch.ones_like(ids))
+    plan = editor.routing.route_plan(torch.ones_like(ids))
     with torch.no_grad():
         with activate(plan):
             edited = editor.model(input_ids=ids).logits
@@ -120,7 +120,7 @@ def test_plan_is_inactive_outside_its_context(editor):
     assert plan.entry_ids[0] is not None
     assert not torch.allclose(edited, plain)
     # another thread started while a (fresh) plan is active in this one does not inherit it
-    fresh = editor._route_plan(torch.ones_like(ids))
+    fresh = editor.routing.route_plan(torch.ones_like(ids))
     with activate(fresh):
         other = run_in_threads([lambda: editor.model(input_ids=ids).logits.detach()])[0]
     torch.testing.assert_close(other, plain)

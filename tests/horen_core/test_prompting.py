@@ -90,7 +90,7 @@ def test_a_routed_row_is_handed_to_the_unedited_model_after_its_target(tiny_llam
         from horen_core.layer import activate
 
         ids_t, mask = pad_left([editor.encode_prompt(prompt)], editor.tokenizer.pad_token_id, editor.input_device)
-        with activate(editor._route_plan(mask)):
+        with activate(editor.routing.route_plan(mask)):
             raw = editor.model.generate(
                 input_ids=ids_t,
                 attention_mask=mask,

@@ -1,0 +1,165 @@
+"""The live edits: the codebook and what is kept beside each edit in it (the subject a prompt must
+name, the relation vector), changed only here so that every ``CodebookChange`` reaches the router.
+Saved and loaded as one safetensors file. Not thread-safe: callers hold the editor's lock."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import torch
+from safetensors import safe_open
+
+from horen_core.codebook import Codebook, CodebookChange
+from horen_core.errors import CorruptStateError
+from horen_core.routing import Router
+
+
+class EditStore:
+    def __init__(self, codebook: Codebook, router: Router, device: torch.device) -> None:
+        self.codebook, self.router, self.device = codebook, router, device
+        self.subjects: dict[int, str] = {}  # edit id -> its subject; an entry is gated by its owner edit's
+        self.gates: dict[int, torch.Tensor] = {}  # edit id -> its relation vector (see horen_core.gate)
+        self.next_edit_id = 1
+
+    def add(
+        self,
+        edit_id: int,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        answer: Sequence[int],
+        subject: str,
+        gate: torch.Tensor | None,
+    ) -> CodebookChange:
+        """A new entry for edit ``edit_id``."""
+        change = self.codebook.add(edit_id, key, value, answer)
+        self.router.apply([change])
+        self._own(edit_id, subject, gate)
+        return change
+
+    def _own(self, edit_id: int, subject: str, gate: torch.Tensor | None) -> None:
+        """What the editor keeps of an edit that is now in the codebook, beside it."""
+        self.next_edit_id = max(self.next_edit_id, edit_id + 1)
+        self.subjects[edit_id] = subject
+        self._set_relation(edit_id, gate)
+
+    def _set_relation(self, edit_id: int, gate: torch.Tensor | None) -> None:
+        if gate is None:
+            self.gates.pop(edit_id, None)
+        else:
+            self.gates[edit_id] = gate.to(self.device, torch.float32)
+
+    def rollback(self, edit_id: int) -> CodebookChange:
+        change = self.codebook.rollback(edit_id)
+        self.router.apply([change])
+        self.subjects.pop(edit_id, None)
+        self.gates.pop(edit_id, None)
+        return change
+
+    def apply_version(
+        self,
+        edit_id: int,
+        entry_id: int,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        answer: Sequence[int],
+        subject: str = "",
+        gate: torch.Tensor | None = None,
+    ) -> CodebookChange:
+        """Edit ``edit_id`` into entry ``entry_id``: a new entry, or a retrain of one with the same answer."""
+        if not self.codebook.has_entry(entry_id):
+            change = self.codebook.add(edit_id, key, value, answer, entry_id=entry_id)
+        elif self.codebook.entry(entry_id).answer != tuple(answer):
+            raise CorruptStateError(f"edit {edit_id} retrains entry {entry_id} with another answer")
+        else:
+            change = self.codebook.retrain(edit_id, entry_id, key, value)
+        self.router.apply([change])
+        self._own(edit_id, subject, gate)
+        return change
+
+    def apply_versions(
+        self,
+        edit_ids: Sequence[int],
+        entry_ids: Sequence[int],
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        answers: Sequence[Sequence[int]],
+        subjects: Sequence[str] | None = None,
+        gates: Sequence[torch.Tensor | None] | None = None,
+    ) -> list[CodebookChange]:
+        """``apply_version`` of many edits, in order: each run of edits that create entries goes into
+        the codebook at once (``Codebook.add_many``), retrains one by one."""
+        subjects = list(subjects) if subjects is not None else [""] * len(edit_ids)
+        gates = list(gates) if gates is not None else [None] * len(edit_ids)
+        changes: list[CodebookChange] = []
+        run: list[int] = []  # positions of consecutive edits creating entries, not yet added
+        created: set[int] = set()
+
+        def flush() -> None:
+            if run:
+                pick = torch.tensor(run)
+                added = self.codebook.add_many(
+                    [edit_ids[i] for i in run],
+                    keys[pick],
+                    values[pick],
+                    [answers[i] for i in run],
+                    [entry_ids[i] for i in run],
+                )
+                self.router.apply(added)
+                changes.extend(added)
+                for i in run:
+                    self._own(edit_ids[i], subjects[i], gates[i])
+                run.clear()
+
+        for i, entry_id in enumerate(entry_ids):
+            if entry_id in created or self.codebook.has_entry(entry_id):
+                flush()
+                changes.append(
+                    self.apply_version(edit_ids[i], entry_id, keys[i], values[i], answers[i], subjects[i], gates[i])
+                )
+            else:
+                run.append(i)
+                created.add(entry_id)
+        flush()
+        return changes
+
+    def save(self, path, identity: dict[str, str], config: dict) -> None:
+        live = {str(e): self.subjects[e] for e in self.codebook.edit_ids() if self.subjects.get(e)}
+        meta = {**identity, "config": _json(config), "subjects": _json(live)}
+        gated = [e for e in self.codebook.edit_ids() if e in self.gates]
+        extra = {}
+        if gated:
+            extra = {
+                "gate_edit_ids": torch.tensor(gated, dtype=torch.long),
+                "gate_vectors": torch.stack([self.gates[e].cpu() for e in gated]),
+            }
+        self.codebook.save(path, metadata=meta, extra=extra)
+
+    @staticmethod
+    def read_metadata(path, identity: dict[str, str]) -> dict[str, str]:
+        """A saved file's metadata, checked against ``identity`` (what the file must match)."""
+        try:
+            meta = Codebook.read_metadata(path)
+        except Exception as exc:  # safetensors raises several types for a damaged header
+            raise CorruptStateError(f"cannot read codebook file {path}: {exc}") from exc
+        for k, v in identity.items():
+            if meta.get(k) != v:
+                raise CorruptStateError(f"codebook belongs to another {k}: {meta.get(k)!r} != {v!r}")
+        return meta
+
+    def load(self, path, meta: dict[str, str]) -> None:
+        """Replace every edit with those saved at ``path`` (``meta``: its ``read_metadata``)."""
+        self.codebook.load(path)
+        self.subjects = {int(k): v for k, v in json.loads(meta.get("subjects", "{}")).items()}
+        self.gates = {}
+        with safe_open(str(path), framework="pt") as f:
+            if "gate_edit_ids" in f.keys():
+                vectors = f.get_tensor("gate_vectors")
+                for i, e in enumerate(f.get_tensor("gate_edit_ids").tolist()):
+                    self._set_relation(e, vectors[i])
+        self.next_edit_id = max(self.codebook.edit_ids(), default=0) + 1
+        self.router.reloaded()
+
+
+def _json(d: dict) -> str:
+    return json.dumps(d, sort_keys=True)

@@ -1,0 +1,141 @@
+"""Which edit, if any, each question reads: the router's row, kept only when the question names
+the edit's subject (``horen_core.subjects``) and asks its relation (a fitted ``RelationGate`` over
+the edited layer's input, where the model has one), and the route plans that do this inside a
+forward pass. Not thread-safe: callers hold the editor's lock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from horen_core.codebook import Codebook
+from horen_core.config import HorenConfig
+from horen_core.edits import EditStore
+from horen_core.gate import RelationGate, gate_features, subject_mask
+from horen_core.layer import HorenLayer, RoutePlan
+from horen_core.prompting import ChatFormat
+from horen_core.routing import Router
+from horen_core.subjects import mentions
+from horen_core.training import _Context
+
+
+class GatedRouter:
+    def __init__(
+        self,
+        codebook: Codebook,
+        router: Router,
+        store: EditStore,
+        layer: HorenLayer,
+        config: HorenConfig,
+        chat: ChatFormat,
+        tokenizer,
+        input_device: torch.device,
+    ) -> None:
+        self.codebook, self.router, self.store, self.layer, self.config = codebook, router, store, layer, config
+        self.chat, self.tokenizer, self.input_device = chat, tokenizer, input_device
+        self.gate: RelationGate | None = None  # the relation gate of edits made from now on (None: none)
+
+    def route(
+        self,
+        queries: torch.Tensor,
+        texts: Sequence[str] | None = None,
+        relation: Callable[[int, str], torch.Tensor | None] | None = None,
+    ) -> tuple[torch.Tensor, list[int | None], torch.Tensor]:
+        """Route unit queries. With ``texts`` (each row's question), a row whose best entry's subject
+        it does not mention is not routed; with ``relation`` (row, subject -> the row's relation
+        vector), nor is a row whose vector is too far from the entry's edit's. A row below
+        ``threshold`` (down to ``subject_threshold``) is routed only when both gates were checked."""
+        cb = self.codebook
+        keys = cb.keys
+        routing = self.router.route(queries)
+        rows = routing.rows
+        hit = rows >= 0
+        values = torch.zeros(queries.shape[0], cb.value_dim, device=keys.device, dtype=cb.dtype)
+        if hit.any():
+            values[hit] = cb.values[rows[hit]]
+        entry_ids = [cb.entry_id_at(int(r)) if r >= 0 else None for r in rows.tolist()]
+        threshold = self.config.threshold
+        for i, e in enumerate(entry_ids):
+            if e is None:
+                continue
+            below = float(routing.scores[i]) < threshold
+            if texts is None:
+                keep = not below
+            else:
+                owner = cb.owner_edit(e)
+                subject = self.store.subjects.get(owner, "")
+                gated = bool(subject) and relation is not None and self.gate is not None and owner in self.store.gates
+                keep = (
+                    (gated or not below)
+                    and mentions(subject, texts[i])
+                    and self._same_relation(owner, relation, i, subject)
+                )
+            if not keep:
+                entry_ids[i] = None
+                values[i] = 0
+        return values, entry_ids, routing.scores
+
+    def _same_relation(
+        self, owner: int, relation: Callable[[int, str], torch.Tensor | None] | None, row: int, subject: str
+    ) -> bool:
+        stored = self.store.gates.get(owner)
+        if stored is None or relation is None or self.gate is None:
+            return True
+        mine = relation(row, subject)
+        if mine is None or mine.shape != stored.shape:  # a vector of another gate says nothing here
+            return True
+        return float(mine.to(stored.device) @ stored) >= self.gate.threshold
+
+    def route_plan(
+        self, prompt_mask: torch.Tensor, texts: Sequence[str] | None = None, spans: Sequence[_Span] | None = None
+    ) -> RoutePlan:
+        def router(queries: torch.Tensor, x: torch.Tensor):
+            relation = None
+            if spans is not None and self.gate is not None:
+
+                def relation(row: int, subject: str) -> torch.Tensor:
+                    sp = spans[row]
+                    return self.relation_vector(x[row, sp.start : sp.start + len(sp.ids)], sp.ids, subject)
+
+            return self.route(queries, texts, relation)
+
+        return RoutePlan(self.layer, prompt_mask, router, self.config.query_strategy, self.config.query_fraction)
+
+    def relation_vector(self, x: torch.Tensor, span_ids: Sequence[int], subject: str) -> torch.Tensor:
+        """The unit relation vector of a question span (``x`` [n, dk] the layer input over it)."""
+        feats = gate_features(x, subject_mask(span_ids, subject, self.tokenizer))
+        return self.gate.embed(feats[None])[0]
+
+    def question_plan(self, seqs: Sequence[Sequence[int]], lengths: Sequence[int], width: int) -> RoutePlan:
+        """The route plan of left-padded rows whose questions are the spans ``self.chat`` finds in
+        their first ``lengths[i]`` tokens (the whole prompt unless it is chat-formatted): routed
+        over those tokens, gated by those questions' text and relation."""
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        texts, spans = [], []
+        for i, (s, n) in enumerate(zip(seqs, lengths)):
+            a, b = self.chat.span(s[:n])
+            off = width - len(s)
+            mask[i, off + a : off + b] = 1
+            texts.append(self.tokenizer.decode(list(s[a:b]), skip_special_tokens=True))
+            spans.append(_Span(off + a, list(s[a:b])))
+        return self.route_plan(mask.to(self.input_device), texts, spans)
+
+    def edit_relation(self, contexts: list[_Context], subject: str) -> torch.Tensor | None:
+        """An edit's relation vector: the unit mean of its question's in every context it is trained in."""
+        if self.gate is None or any(c.span_x is None for c in contexts):
+            return None
+        vecs = [
+            self.relation_vector(c.span_x, c.rendered.ids[c.rendered.start : c.rendered.end], subject) for c in contexts
+        ]
+        return F.normalize(torch.stack(vecs).mean(0), dim=-1)
+
+
+@dataclass
+class _Span:
+    """A question's tokens and where they start in a padded batch row."""
+
+    start: int
+    ids: list[int]
