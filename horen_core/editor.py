@@ -262,9 +262,8 @@ class HorenEditor:
                 self.trainer.prepare(ctx)
             query = F.normalize(torch.stack([c.query for c in contexts]).mean(0), dim=-1)
             gate = self.routing.edit_relation(contexts, subject)
-            _, entry_ids, _ = self.routing.route(
-                query[None], [question], (lambda _row, _subject: gate) if gate is not None else None
-            )
+            # an entry with the same answer is retrained whatever its relation: it then answers both
+            _, entry_ids, _ = self.routing.route(query[None], [question])
             reuse = entry_ids[0]
             if reuse is not None and self.codebook.entry(reuse).answer != tuple(target_ids):
                 reuse = None  # a conflicting edit gets its own key

@@ -71,7 +71,7 @@ class GatedRouter:
                 keep = (
                     (gated or not below)
                     and mentions(subject, texts[i])
-                    and self._same_relation(owner, relation, i, subject)
+                    and self._same_relation(e, relation, i, subject)
                 )
             if not keep:
                 entry_ids[i] = None
@@ -79,15 +79,20 @@ class GatedRouter:
         return values, entry_ids, routing.scores
 
     def _same_relation(
-        self, owner: int, relation: Callable[[int, str], torch.Tensor | None] | None, row: int, subject: str
+        self, entry: int, relation: Callable[[int, str], torch.Tensor | None] | None, row: int, subject: str
     ) -> bool:
-        stored = self.store.gates.get(owner)
-        if stored is None or relation is None or self.gate is None:
+        """Whether the row asks the relation of any live edit of the entry (all retrain one answer)."""
+        if relation is None or self.gate is None:
+            return True
+        gates = self.store.gates
+        stored = [gates[v.edit_id] for v in self.codebook.entry(entry).versions if v.edit_id in gates]
+        if not stored:
             return True
         mine = relation(row, subject)
-        if mine is None or mine.shape != stored.shape:  # a vector of another gate says nothing here
+        stored = [s for s in stored if mine is not None and s.shape == mine.shape]
+        if not stored:  # a vector of another gate says nothing here
             return True
-        return float(mine.to(stored.device) @ stored) >= self.gate.threshold
+        return any(float(mine.to(s.device) @ s) >= self.gate.threshold for s in stored)
 
     def route_plan(
         self, prompt_mask: torch.Tensor, texts: Sequence[str] | None = None, spans: Sequence[_Span] | None = None
