@@ -5,8 +5,9 @@ The routing key (the mean of the edited layer's input over the question) is domi
 subject's tokens, so "Where was Lola Beeth born?" lands as close to "What voice type is Lola Beeth?"
 as its rephrases do. The gate reads the same layer input another way: the mean over the question's
 tokens outside the subject, and the question's last token, mapped by a fitted linear map to a unit
-vector. An edit keeps its question's vector; a prompt routed to the edit keeps it only when its own
-vector's cosine with the edit's clears the gate's threshold.
+vector. An edit keeps its question's vector; a prompt routed to an entry keeps it only when its own
+vector's cosine with the vector of one of the entry's live edits (edits of one answer share an
+entry) clears the gate's threshold.
 
 The map is fitted once per model from questions asked two ways (rephrases, and the chat form of
 the same question: must pass) and questions about the same subject with another relation (must
