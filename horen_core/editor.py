@@ -24,7 +24,7 @@ from horen_core.codebook import Codebook, CodebookChange
 from horen_core.config import HorenConfig
 from horen_core.edits import EditStore
 from horen_core.errors import InvalidInputError
-from horen_core.gate import RelationGate, gate_features, subject_mask
+from horen_core.gate import RelationGate, span_features
 from horen_core.gating import GatedRouter
 from horen_core.generation import Decoder, Generation, RowStream, pad_left, positions, unedited
 from horen_core.layer import HorenLayer
@@ -206,9 +206,7 @@ class HorenEditor:
         for i, (r, subject) in enumerate(zip(rendered, subjects)):
             off = width - len(r.ids)
             span = r.ids[r.start : r.end]
-            out.append(
-                gate_features(captured[i, off + r.start : off + r.end], subject_mask(span, subject, self.tokenizer))
-            )
+            out.append(span_features(captured[i, off + r.start : off + r.end], span, subject, self.tokenizer))
         return torch.stack(out).cpu()
 
     def generate(

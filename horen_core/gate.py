@@ -57,6 +57,11 @@ def gate_features(x: torch.Tensor, subject: torch.Tensor) -> torch.Tensor:
     return torch.cat([F.normalize(rest.mean(0), dim=-1), F.normalize(x[-1], dim=-1)]) * scale
 
 
+def span_features(x: torch.Tensor, span_ids: Sequence[int], subject: str, tokenizer) -> torch.Tensor:
+    """``gate_features`` of a question span given its token ids (x [n, dk] the layer input over them)."""
+    return gate_features(x, subject_mask(span_ids, subject, tokenizer))
+
+
 @dataclass
 class RelationGate:
     weight: torch.Tensor  # [2 dk, r] the fitted map

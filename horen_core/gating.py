@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from horen_core.codebook import Codebook
 from horen_core.config import HorenConfig
 from horen_core.edits import EditStore
-from horen_core.gate import RelationGate, gate_features, subject_mask
+from horen_core.gate import RelationGate, span_features
 from horen_core.layer import HorenLayer, RoutePlan
 from horen_core.prompting import ChatFormat
 from horen_core.routing import Router
@@ -111,7 +111,7 @@ class GatedRouter:
 
     def relation_vector(self, x: torch.Tensor, span_ids: Sequence[int], subject: str) -> torch.Tensor:
         """The unit relation vector of a question span (``x`` [n, dk] the layer input over it)."""
-        feats = gate_features(x, subject_mask(span_ids, subject, self.tokenizer))
+        feats = span_features(x, span_ids, subject, self.tokenizer)
         return self.gate.embed(feats[None])[0]
 
     def question_plan(self, seqs: Sequence[Sequence[int]], lengths: Sequence[int], width: int) -> RoutePlan:
