@@ -1,5 +1,6 @@
-"""Sequential-editing evaluation: load ZsRE (MEND), CounterFact (EasyEdit), KnowEdit (EasyEdit's
-KnowEdit JSON) or UnKE records, make N edits in order, then score all of them the way the paper's
+"""Sequential-editing evaluation: load ZsRE (MEND), CounterFact (EasyEdit's, or ROME's original
+records with their paraphrase and neighbourhood prompts), KnowEdit (EasyEdit's KnowEdit JSON) or
+UnKE records, make N edits in order, then score all of them the way the paper's
 code scores HoReN (token match on as many tokens as the target has) and the way a user reads the
 model's answers (``user_scores``: the target in a free answer, plain and chat; unchanged answers on
 locality and same-subject prompts; fluency; portability; ROUGE-L/BLEU for long-form answers)."""
@@ -27,7 +28,7 @@ class EditRecord:
     sub_questions: tuple[tuple[str, str], ...] = ()  # UnKE: (question, answer) about the long answer
 
 
-FORMATS = ("zsre", "counterfact", "knowedit", "unke")
+FORMATS = ("zsre", "counterfact", "rome", "knowedit", "unke")
 
 
 def detect_format(rows: list[dict]) -> str:
@@ -36,6 +37,8 @@ def detect_format(rows: list[dict]) -> str:
         raise ValueError("unknown data format: expected a JSON list of records")
     if "src" in first:
         return "zsre"
+    if "requested_rewrite" in first:
+        return "rome"
     if "question" in first and "answer" in first:
         return "unke"
     if "target_new" in first and isinstance(first.get("locality"), dict):
@@ -43,7 +46,8 @@ def detect_format(rows: list[dict]) -> str:
     if "target_new" in first:
         return "counterfact"
     raise ValueError(
-        "unknown data format: expected ZsRE MEND fields (src, ...), CounterFact (prompt, target_new), "
+        "unknown data format: expected ZsRE MEND fields (src, ...), CounterFact (prompt, target_new; or "
+        "ROME's requested_rewrite), "
         "KnowEdit (prompt, target_new, locality) or UnKE (question, answer)"
     )
 
@@ -64,6 +68,19 @@ def _record(r: dict, fmt: str, target_field: str) -> EditRecord:
         target = r["target_new"] if target_field == "answers" else r[target_field]
         return EditRecord(
             r["prompt"], target, r.get("rephrase_prompt"), r.get("locality_prompt"), r.get("locality_ground_truth")
+        )
+    if fmt == "rome":
+        # ROME's CounterFact: paraphrase_prompts ask the same relation (after a noise sentence);
+        # neighborhood_prompts ask it of other subjects whose answer must not change
+        rw = r["requested_rewrite"]
+        subject = rw["subject"]
+        neighbours = tuple(r.get("neighborhood_prompts") or ())
+        return EditRecord(
+            rw["prompt"].format(subject),
+            rw["target_new"]["str"],
+            (r.get("paraphrase_prompts") or [None])[0],
+            neighbours[0] if neighbours else None,
+            rw["target_true"]["str"] if neighbours else None,
         )
     if fmt == "knowedit":
         loc = r.get("locality") or {}

@@ -1,4 +1,4 @@
-"""`horen eval` data formats: KnowEdit and UnKE records load with their specificity, portability
+"""`horen eval` data formats: KnowEdit, UnKE and ROME CounterFact records load with their specificity, portability
 and sub-questions, bad records name themselves in the error; ROUGE-L and BLEU on known cases."""
 
 from __future__ import annotations
@@ -31,6 +31,21 @@ UNKE = {
 }
 
 
+ROME = {
+    "case_id": 626,
+    "requested_rewrite": {
+        "prompt": "{} specializes in",
+        "relation_id": "P101",
+        "target_new": {"str": "physiology", "id": "Q521"},
+        "target_true": {"str": "terrorism", "id": "Q7283"},
+        "subject": "suicide attack",
+    },
+    "paraphrase_prompts": ["2003. suicide attack works in the area of", "The domain of work of suicide attack is"],
+    "neighborhood_prompts": ["The expertise of SPECTRE is", "Yakub Memon specializes in"],
+    "generation_prompts": ["suicide attack is known for"],
+}
+
+
 def write(tmp_path, rows):
     path = tmp_path / "data.json"
     path.write_text(json.dumps(rows))
@@ -51,6 +66,14 @@ def test_unke_records_load_with_sub_questions(tmp_path):
     (rec,) = load_records(write(tmp_path, [UNKE]))
     assert (rec.prompt, rec.rephrase, rec.target) == (UNKE["question"], UNKE["para_question"], UNKE["answer"])
     assert rec.sub_questions == (("How long has George Rankin been involved in politics?", "Over a decade."),)
+
+
+def test_rome_counterfact_records_load_with_paraphrase_and_neighbour(tmp_path):
+    assert detect_format([ROME]) == "rome"
+    (rec,) = load_records(write(tmp_path, [ROME]))
+    assert (rec.prompt, rec.target) == ("suicide attack specializes in", "physiology")
+    assert rec.rephrase == "2003. suicide attack works in the area of"
+    assert (rec.loc_prompt, rec.loc_answer) == ("The expertise of SPECTRE is", "terrorism")
 
 
 def test_bad_records_give_a_clear_error(tmp_path):
