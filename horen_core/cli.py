@@ -31,7 +31,11 @@ from horen_core.plotting import plot_checkpoints
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     d = HorenConfig()
-    p.add_argument("--data", required=True, help="ZsRE (MEND), CounterFact (EasyEdit or ROME), KnowEdit (EasyEdit) or UnKE JSON file")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="ZsRE (MEND), CounterFact (EasyEdit or ROME), KnowEdit (EasyEdit) or UnKE JSON file",
+    )
     p.add_argument("--format", default="auto", choices=["auto", *FORMATS])
     p.add_argument("--chat", action="store_true", help="also score every prompt in the model's chat template")
     p.add_argument("--edit-chat", action="store_true", help="make the edits with the prompts in the chat template")
