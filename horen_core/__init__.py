@@ -12,7 +12,7 @@ target."""
 
 from horen_core.codebook import Codebook, CodebookChange
 from horen_core.config import HorenConfig
-from horen_core.editor import EditResult, Generation, HorenEditor, TrainedEdit
+from horen_core.editor import EditResult, Fact, Generation, HorenEditor, TrainedEdit
 from horen_core.errors import (
     ConfigError,
     CorruptStateError,
@@ -30,6 +30,7 @@ __all__ = [
     "ConfigError",
     "CorruptStateError",
     "EditResult",
+    "Fact",
     "Generation",
     "HopfieldRetriever",
     "HorenConfig",

@@ -171,6 +171,34 @@ class Codebook:
                         total += t.numel() * t.element_size()
         return total
 
+    def subset(self, entry_ids: Sequence[int]) -> Codebook:
+        """A scratch codebook holding copies of these entries only (same entry ids, keys, values,
+        answers and versions, in this codebook's row order) and the same next entry id, so entries
+        added to it get the ids this codebook would give them. Changing it leaves this one alone:
+        ``HorenEditor.train_many`` plays a batch's edits on it to route each one as if the earlier
+        ones were applied."""
+        out = Codebook(self.key_dim, self.value_dim, self.device, self.dtype)
+        wanted = {int(e) for e in entry_ids if int(e) in self._entries}
+        rows = sorted(self._row_of[e] for e in wanted)
+        n = len(rows)
+        out._ensure_capacity(n)
+        if n:
+            pick = torch.tensor(rows, device=self.device)
+            out._keys[:n] = self._keys.index_select(0, pick)
+            out._values[:n] = self._values.index_select(0, pick)
+        out._size = n
+        out._row_entry = [self._row_entry[r] for r in rows]
+        out._row_of = {e: r for r, e in enumerate(out._row_entry)}
+        out._row_table = None  # the dict serves: a scratch codebook is small
+        for e in out._row_entry:
+            entry = self._entries[e]
+            versions = [EntryVersion(v.edit_id, v.key, v.value) for v in entry.versions]
+            out._entries[e] = Entry(e, entry.answer, versions)
+            for v in versions:
+                out._edit_entry[v.edit_id] = e
+        out._next_entry_id = self._next_entry_id
+        return out
+
     # ---- write side ------------------------------------------------------------------------
     def reserve(self, rows: int) -> None:
         """Make room for ``rows`` rows in all (a replay that knows its size): adds up to there copy

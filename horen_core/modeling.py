@@ -287,6 +287,15 @@ class ModelAdapter:
         logits = self._logits(torch.cat(rows))
         return list(logits.split([r.shape[0] for r in rows]))
 
+    def upper_logits_padded(
+        self, h: torch.Tensor, batch: SuffixBatch, rows: torch.Tensor, cols: torch.Tensor
+    ) -> torch.Tensor:
+        """``upper_logits_batched`` of suffixes already right-padded into ``h`` [B, T, d]: the
+        logits [n, vocab] at the (row, position) pairs ``rows``/``cols`` [n], packed in that order
+        (several edits' values trained in one pass, ``ValueTrainer.train_values``)."""
+        h = self._layers_above(h, batch.mask, batch.position_ids, batch.cache)
+        return self._logits(h[rows, cols])
+
 
 @dataclass(frozen=True)
 class SuffixBatch:

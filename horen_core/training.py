@@ -6,7 +6,7 @@ that fast path (and the reference procedure) run the full model each step."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -88,6 +88,36 @@ class ValueTrainer:
         ctx.query = compute_queries(found["x"], span, self.config.query_strategy, self.config.query_fraction)[0]
         ctx.span_x = found["x"][0, r.start : r.end]
 
+    def prepare_many(self, contexts: Sequence[_Context], rows: int = 64) -> None:
+        """``prepare`` of many contexts, ``rows`` at a time in one lower pass each where the fast
+        path holds: right-padded to the longest (causal attention keeps the padding out of every
+        real position, so no mask is needed) and sorted by length to pad little."""
+        fast = self.adapter.supports_fast_path and not self.config.reference_procedure and not self.multi_device
+        if not fast or len(contexts) < 2:
+            for ctx in contexts:
+                self.prepare(ctx)
+            return
+        order = sorted(range(len(contexts)), key=lambda i: len(contexts[i].rendered.ids) + len(contexts[i].target))
+        for start in range(0, len(order), rows):
+            group = [contexts[i] for i in order[start : start + rows]]
+            for ctx in group:
+                ctx.ids = ctx.rendered.ids + ctx.target[:-1]
+            width = max(len(c.ids) for c in group)
+            ids = torch.zeros((len(group), width), dtype=torch.long)
+            span = torch.zeros_like(ids)
+            for i, ctx in enumerate(group):
+                # no real position attends the padding, so any token will do: the row's last one
+                # (not the pad token, which would make transformers warn about a missing mask)
+                ids[i] = ctx.ids[-1]
+                ids[i, : len(ctx.ids)] = torch.tensor(ctx.ids)
+                span[i, ctx.rendered.start : ctx.rendered.end] = 1
+            found = self.lower_pass(ids.to(self.input_device))
+            queries = compute_queries(found["x"], span, self.config.query_strategy, self.config.query_fraction)
+            for i, ctx in enumerate(group):
+                ctx.hidden = found["h"][i : i + 1, : len(ctx.ids)]
+                ctx.query = queries[i]
+                ctx.span_x = found["x"][i, ctx.rendered.start : ctx.rendered.end]
+
     @torch.no_grad()
     def lower_pass(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """One unedited forward that records the edited layer's input and its decoder layer's output."""
@@ -142,6 +172,98 @@ class ValueTrainer:
             steps += 1
         del opt, forward
         return value.detach(), steps, loss_value
+
+    def train_values(
+        self, edits: Sequence[tuple[list[_Context], torch.Tensor | None]]
+    ) -> list[tuple[torch.Tensor, int, float]]:
+        """``train_value`` of several edits (each its contexts and its initial value) at once: every
+        context of every edit is a row of one padded pass over the layers above, with its own edit's
+        value added, and one Adam moves a [K, dv] parameter (elementwise, so K Adams). The loss is the
+        sum of the edits' mean cross-entropies, so each value gets its own edit's gradient. Each edit
+        stops as ``train_value`` stops it: once solved (or at ``max_steps``) its value, step count and
+        loss are kept and its rows leave the batch, the others go on. Where the batched fast path is
+        unavailable (the reference procedure, a model without the prefix cache, a device map) or
+        disagrees with separate passes (checked once), each edit is trained by ``train_value``."""
+        if len(edits) < 2 or not self._values_batchable(edits):
+            return [self.train_value(contexts, init) for contexts, init in edits]
+        cfg = self.config
+        dv = self.value_dim
+        out: list[tuple[torch.Tensor, int, float] | None] = [None] * len(edits)
+        caches = {id(c): self._prefix_of(c) for contexts, _ in edits for c in contexts}
+        active = list(range(len(edits)))  # the edits still training, by position in ``edits``
+        inits = [init.clone() if init is not None else torch.zeros(dv, device=self.device) for _, init in edits]
+        value = torch.stack(inits).float().requires_grad_(True)
+        opt = torch.optim.Adam([value], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        packed = _Packed(self, [edits[k][0] for k in active], caches)
+        for step in range(cfg.max_steps + 1):
+            losses, solved = packed.losses(value)
+            stats = torch.stack([losses.detach(), solved.float()]).cpu().tolist()
+            finished = [
+                a
+                for a, (loss_a, ok) in enumerate(zip(*stats))
+                if step == cfg.max_steps or (ok and loss_a < cfg.stop_loss)
+            ]
+            for a in finished:
+                out[active[a]] = (value[a].detach().clone(), step, stats[0][a])
+            if len(finished) == len(active):
+                break
+            gone = set(finished)
+            keep = [a for a in range(len(active)) if a not in gone]
+            loss = losses[keep].sum() if finished else losses.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if finished:  # the solved values leave: the others go on with their own Adam state
+                pick = torch.tensor(keep, device=value.device)
+                kept = value.detach().index_select(0, pick).requires_grad_(True)
+                kept.grad = value.grad.index_select(0, pick)
+                state = opt.state.get(value, {})
+                opt = torch.optim.Adam([kept], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+                if state:
+                    opt.state[kept] = {
+                        k: v.index_select(0, pick.to(v.device)) if v.dim() and v.shape[0] == len(active) else v.clone()
+                        for k, v in state.items()
+                    }
+                value, active = kept, [active[a] for a in keep]
+                packed = _Packed(self, [edits[k][0] for k in active], caches)
+            opt.step()
+        del opt, packed
+        return [r for r in out if r is not None]
+
+    def _prefix_of(self, ctx: _Context):
+        p = ctx.rendered.end - 1
+        return self.adapter.prefix_cache(ctx.hidden[:, :p])
+
+    def _values_batchable(self, edits: Sequence[tuple[list[_Context], torch.Tensor | None]]) -> bool:
+        """Whether ``train_values`` may batch these edits: every context has the fast path's hidden
+        state and a prefix, the prefix cache works on this model and batching matches separate
+        passes (both checked on first use)."""
+        contexts = [c for cs, _ in edits for c in cs]
+        if self.config.reference_procedure or not contexts:
+            return False
+        if any(c.hidden is None or c.rendered.end - 1 <= 0 for c in contexts):
+            return False
+        if self._prefix_cache_ok is None:  # step_forward checks it on its first call
+            c = contexts[0]
+            self.step_forward(c.ids, c.rendered.end - 1, len(c.rendered.ids) - 1, len(c.target), c.hidden)
+        if not self._prefix_cache_ok or self._batched_ok is False:
+            return False
+        if self._batched_ok is None:  # verify once that batching changes nothing
+            caches = {id(c): self._prefix_of(c) for c in contexts}
+            packed = _Packed(self, [cs for cs, _ in edits], caches)
+            with torch.no_grad():
+                probe = torch.randn(len(edits), self.value_dim, device=self.device) * 10
+                got = packed.logits(probe).split([len(c.target) for c in packed.contexts])
+                ref = [
+                    self.step_forward(c.ids, c.rendered.end - 1, len(c.rendered.ids) - 1, len(c.target), c.hidden)(
+                        probe[k]
+                    )
+                    for c, k in zip(packed.contexts, packed.owner.tolist())
+                ]
+            tol = 1e-3 if self.model_dtype == torch.float32 else 5e-2
+            self._batched_ok = all(
+                torch.allclose(a.float(), b.float(), atol=tol * a.abs().max().item()) for a, b in zip(ref, got)
+            )
+        return bool(self._batched_ok)
 
     def contexts_forward(self, contexts: list[_Context]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
         """value -> each context's logits at its target positions: one batched pass over the layers
@@ -243,3 +365,56 @@ class ValueTrainer:
             return self.adapter.upper_logits(hidden + onehot * value.to(dtype), slice(first, first + count))[0]
 
         return upper
+
+
+class _Packed:
+    """Every context of several edits as the rows of one padded pass over the layers above (each
+    row's prefix from the cache, its suffix right-padded), built once per set of edits: values
+    [K, dv] -> the logits at every context's target positions, packed, and each edit's loss."""
+
+    def __init__(self, trainer: ValueTrainer, edits: list[list[_Context]], caches: dict[int, object]) -> None:
+        self.trainer = trainer
+        adapter, device, dtype = trainer.adapter, trainer.device, trainer.model_dtype
+        self.contexts = [c for cs in edits for c in cs]
+        owner = [k for k, cs in enumerate(edits) for _ in cs]
+        starts = [c.rendered.end - 1 for c in self.contexts]
+        suffixes = [c.hidden[0, p:] for c, p in zip(self.contexts, starts)]
+        self.batch = adapter.suffix_batch([caches[id(c)] for c in self.contexts], starts, [len(x) for x in suffixes])
+        width = max(len(x) for x in suffixes)
+        self.base = suffixes[0].new_zeros(len(suffixes), width, suffixes[0].shape[-1])
+        for i, x in enumerate(suffixes):
+            self.base[i, : len(x)] = x
+        self.onehot = torch.zeros(len(suffixes), width, 1, device=device, dtype=dtype)
+        self.onehot[:, 0] = 1  # each value goes in at its row's first suffix position
+        rows, cols, token_ctx = [], [], []
+        for i, (c, p) in enumerate(zip(self.contexts, starts)):
+            first = len(c.rendered.ids) - 1 - p
+            rows += [i] * len(c.target)
+            cols += range(first, first + len(c.target))
+            token_ctx += [i] * len(c.target)
+        self.rows = torch.tensor(rows, device=device)
+        self.cols = torch.tensor(cols, device=device)
+        self.owner = torch.tensor(owner, device=device)
+        self.token_ctx = torch.tensor(token_ctx, device=device)
+        self.targets = torch.tensor([t for c in self.contexts for t in c.target], device=device)
+        self.ctx_len = torch.tensor([len(c.target) for c in self.contexts], device=device, dtype=torch.float32)
+        self.n_ctx = torch.bincount(self.owner, minlength=len(edits)).to(torch.float32)
+        self.n_edits = len(edits)
+
+    def logits(self, values: torch.Tensor) -> torch.Tensor:
+        """[sum of target lengths, vocab]: each context's logits at its target positions, in order."""
+        h = self.base + self.onehot * values.to(self.base.dtype).index_select(0, self.owner)[:, None, :]
+        return self.trainer.adapter.upper_logits_padded(h, self.batch, self.rows, self.cols)
+
+    def losses(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each edit's mean over its contexts of the target's cross-entropy [K], and whether greedy
+        decoding gives the target in every context of it [K] (bool)."""
+        logits = self.logits(values).float()
+        token_loss = F.cross_entropy(logits, self.targets, reduction="none")
+        wrong = (logits.argmax(-1) != self.targets).float()
+        n_ctx = len(self.contexts)
+        ctx_loss = torch.zeros(n_ctx, device=logits.device).index_add_(0, self.token_ctx, token_loss) / self.ctx_len
+        ctx_wrong = torch.zeros(n_ctx, device=logits.device).index_add_(0, self.token_ctx, wrong)
+        edit_loss = torch.zeros(self.n_edits, device=logits.device).index_add_(0, self.owner, ctx_loss) / self.n_ctx
+        edit_wrong = torch.zeros(self.n_edits, device=logits.device).index_add_(0, self.owner, ctx_wrong)
+        return edit_loss, edit_wrong == 0

@@ -11,6 +11,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("horen.imports")
 
 ACTIVE = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class ImportFact:
+    """A fact to make (``EditingService.make_many``): an edit's fields and, for an import's, its
+    item (import id, line)."""
+
+    prompt: str
+    target: str
+    metadata: dict
+    format: str = "auto"
+    subject: str | None = None
+    item: tuple[int, int] | None = None
 
 
 class ImportNotFoundError(LookupError):
@@ -178,7 +192,8 @@ def import_to_dict(session: Session, job: Import, now: datetime | None = None) -
 
 class ImportWorker:
     """Runs on the device thread: ``step`` makes up to ``chunk`` pending facts of the oldest active
-    import and returns; the runtime calls it between jobs while ``active``."""
+    import (trained together, ``EditingService.make_many``) and returns; the runtime calls it
+    between jobs while ``active``, so generation is served between chunks."""
 
     def __init__(self, sessions: Any, chunk: int, retry_after: float) -> None:
         self.sessions = sessions
@@ -229,14 +244,16 @@ class ImportWorker:
                 .order_by(ImportItem.line)
                 .limit(self.chunk)
             ).all()
-        for line, prompt, target, metadata, fmt, subject in items:
-            try:
-                editing.check(prompt, target, fmt)
-                editing.make(prompt, target, metadata or {}, fmt, by, subject, item=(import_id, line))
-            except InvalidInputError as exc:
+        facts = [
+            ImportFact(prompt, target, metadata or {}, fmt, subject, item=(import_id, line))
+            for line, prompt, target, metadata, fmt, subject in items
+        ]
+        # the chunk's values train together; each fact is committed and applied in order
+        for fact, outcome in zip(facts, editing.make_many(facts, by)):
+            if isinstance(outcome, InvalidInputError):
                 with self.sessions.begin() as session:
-                    if claim_item(session, import_id, line):
-                        finish_item(session, import_id, line, None, str(exc))
+                    if claim_item(session, *fact.item):
+                        finish_item(session, *fact.item, None, str(outcome))
         if len(items) < self.chunk:
             self._finish(import_id)
 

@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     # most facts in one POST /imports (422 above), and its largest body in bytes (413 above; held in memory)
     max_import_facts: int = Field(default=100_000, ge=1)
     max_import_facts_bytes: int = Field(default=256 * 1024**2, ge=1024)
-    # facts an import makes in a row before the engine serves waiting requests again
+    # facts an import makes in a row (their values trained together) before the engine serves waiting
+    # requests again
     import_chunk: int = Field(default=4, ge=1)
     # largest POST /admin/import-codebook body in bytes (413 above); streamed to a temporary file in
     # data_dir, not held in memory: 50,000 SmolLM2 edits are about 0.45 GB

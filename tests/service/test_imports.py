@@ -83,6 +83,57 @@ def test_an_import_makes_each_fact_as_an_edit_and_counts_refusals(tmp_path, tiny
             assert sorted(i.edit_id for i in items if i.edit_id) == sorted(e["id"] for e in edits["items"])
 
 
+def test_a_chunk_trained_together_keeps_sequential_semantics(tmp_path, tiny_model_dir):
+    """One chunk holds a fact twice and a conflicting one: the repeat retrains the first's entry
+    (trained after the first is applied), the conflict gets its own key and is the one applied."""
+    facts = [FACTS[0], FACTS[1], FACTS[0], FACTS[2], {**FACTS[1], "target": "Rome"}, FACTS[3]]
+    with TestClient(create_app(make_settings(tmp_path, tiny_model_dir, import_chunk=8))) as client:
+        wait_ready(client)
+        job = wait_ended(client, client.post("/imports", content=jsonl(facts), headers=NDJSON).json()["id"])
+        assert (job["status"], job["done"], job["failed"]) == ("done", 6, 0), job
+        edits = sorted(client.get("/edits", params={"limit": 10}).json()["items"], key=lambda e: e["id"])
+        assert [e["prompt"] for e in edits] == [f["prompt"] for f in facts]
+        assert [e["new_key"] for e in edits] == [True, True, False, True, True, True]
+        assert edits[2]["entry_id"] == edits[0]["entry_id"]
+        assert edits[4]["entry_id"] != edits[1]["entry_id"]
+        g = client.post("/generate", json={"prompt": FACTS[1]["prompt"], "max_new_tokens": 4}).json()
+        assert g["edit_id"] == edits[4]["id"]
+        g = client.post("/generate", json={"prompt": FACTS[0]["prompt"], "max_new_tokens": 4}).json()
+        assert g["edit_id"] == edits[2]["id"]
+
+
+def test_a_conflict_or_a_stale_commit_in_a_chunk_retrains_the_facts_after_it(tmp_path, tiny_model_dir):
+    """A commit that conflicts on its entry is made again by ``make``; one that caught up with
+    other replicas' events first stores nothing and is trained again; the facts after either are
+    trained again, and every fact is made once."""
+    from service.db.errors import EntryConflict
+    from service.editing import StaleTrainingError
+
+    with TestClient(create_app(make_settings(tmp_path, tiny_model_dir, import_chunk=8))) as client:
+        wait_ready(client)
+        editing = client.app.state.runtime.editing
+        commit, make, train_many = editing.commit_and_apply, editing.make, editing.editor.train_many
+        raised, made, trained = [], [], []
+
+        def failing_commit(t, prompt, *args, **kwargs):
+            for why, fact, exc in [("conflict", FACTS[1], EntryConflict), ("stale", FACTS[2], StaleTrainingError)]:
+                if prompt == fact["prompt"] and why not in raised:
+                    raised.append(why)
+                    raise exc("injected")
+            return commit(t, prompt, *args, **kwargs)
+
+        editing.commit_and_apply = failing_commit
+        editing.make = lambda prompt, *args: made.append(prompt) or make(prompt, *args)
+        editing.editor.train_many = lambda facts: trained.append([f.prompt for f in facts]) or train_many(facts)
+        job = wait_ended(client, client.post("/imports", content=jsonl(FACTS), headers=NDJSON).json()["id"])
+        assert (job["status"], job["done"], job["failed"]) == ("done", 4, 0), job
+        prompts = [f["prompt"] for f in FACTS]
+        assert raised == ["conflict", "stale"] and made == [prompts[1]]
+        assert trained == [prompts, prompts[2:], prompts[2:]]
+        edits = client.get("/edits", params={"limit": 10}).json()
+        assert sorted(e["prompt"] for e in edits["items"]) == sorted(prompts)
+
+
 def test_a_bad_line_is_a_422_naming_it_and_stores_nothing(client):
     body = jsonl(FACTS[:1]) + b'{"prompt": "no target"}\n'
     r = client.post("/imports", content=body, headers=NDJSON)
