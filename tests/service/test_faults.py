@@ -155,6 +155,7 @@ def _unwritable(client, pragma, data) -> None:
         g = client.post("/generate", json={"prompt": "What is the capital of France?", "max_new_tokens": 2})
         assert g.status_code == 200 and g.json()["edit_id"] == kept["id"]
         assert client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 2}).json()["edit_id"] is None
+        assert client.get("/readyz").status_code == 200  # it still serves generation and reads
     finally:
         mend()
     assert client.get("/edits").json() == before  # nothing half-written
