@@ -1,7 +1,8 @@
 """Which edit, if any, each question reads: the router's row, kept only when the question names
 the edit's subject (``horen_core.subjects``) and asks its relation (a fitted ``RelationGate`` over
 the edited layer's input, where the model has one), and the route plans that do this inside a
-forward pass. Not thread-safe: callers hold the editor's lock."""
+forward pass. A question of several sentences is routed on the whole and on its last sentence, and
+reads the better-scoring edit of the two. Not thread-safe: callers hold the editor's lock."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from horen_core.codebook import Codebook
 from horen_core.config import HorenConfig
 from horen_core.edits import EditStore
 from horen_core.gate import RelationGate, span_features
-from horen_core.layer import HorenLayer, RoutePlan
-from horen_core.prompting import ChatFormat
+from horen_core.layer import HorenLayer, RoutePlan, compute_queries
+from horen_core.prompting import ChatFormat, last_sentence_start
 from horen_core.routing import Router
 from horen_core.subjects import mentions
 from horen_core.training import _Context
@@ -95,17 +96,44 @@ class GatedRouter:
         return any(float(mine.to(s.device) @ s) >= self.gate.threshold for s in stored)
 
     def route_plan(
-        self, prompt_mask: torch.Tensor, texts: Sequence[str] | None = None, spans: Sequence[_Span] | None = None
+        self,
+        prompt_mask: torch.Tensor,
+        texts: Sequence[str] | None = None,
+        spans: Sequence[_Span] | None = None,
+        last: dict[int, tuple[str, _Span]] | None = None,
     ) -> RoutePlan:
+        """Route each row over its ``prompt_mask`` tokens, gated by ``texts`` and ``spans`` (see
+        ``route``); a row in ``last`` (row -> its last sentence's text and span) is routed on that
+        sentence too and keeps whichever of the two routes scores higher."""
+
+        def relation_of(rows: Sequence[int], row_spans: Sequence[_Span], x: torch.Tensor):
+            if self.gate is None:
+                return None
+
+            def relation(i: int, subject: str) -> torch.Tensor:
+                sp = row_spans[i]
+                return self.relation_vector(x[rows[i], sp.start : sp.start + len(sp.ids)], sp.ids, subject)
+
+            return relation
+
         def router(queries: torch.Tensor, x: torch.Tensor):
-            relation = None
-            if spans is not None and self.gate is not None:
-
-                def relation(row: int, subject: str) -> torch.Tensor:
-                    sp = spans[row]
-                    return self.relation_vector(x[row, sp.start : sp.start + len(sp.ids)], sp.ids, subject)
-
-            return self.route(queries, texts, relation)
+            rows = list(range(queries.shape[0]))
+            relation = relation_of(rows, spans, x) if spans is not None else None
+            values, entry_ids, scores = self.route(queries, texts, relation)
+            if not last:
+                return values, entry_ids, scores
+            alt = sorted(last)
+            mask = torch.zeros_like(prompt_mask)
+            for r in alt:
+                sp = last[r][1]
+                mask[r, sp.start : sp.start + len(sp.ids)] = 1
+            q = compute_queries(x[alt], mask[alt].to(x.device), self.config.query_strategy, self.config.query_fraction)
+            alt_spans = [last[r][1] for r in alt]
+            v2, e2, s2 = self.route(q, [last[r][0] for r in alt], relation_of(alt, alt_spans, x))
+            for j, r in enumerate(alt):
+                if e2[j] is not None and (entry_ids[r] is None or float(s2[j]) > float(scores[r])):
+                    values[r], entry_ids[r], scores[r] = v2[j], e2[j], s2[j]
+            return values, entry_ids, scores
 
         return RoutePlan(self.layer, prompt_mask, router, self.config.query_strategy, self.config.query_fraction)
 
@@ -117,16 +145,20 @@ class GatedRouter:
     def question_plan(self, seqs: Sequence[Sequence[int]], lengths: Sequence[int], width: int) -> RoutePlan:
         """The route plan of left-padded rows whose questions are the spans ``self.chat`` finds in
         their first ``lengths[i]`` tokens (the whole prompt unless it is chat-formatted): routed
-        over those tokens, gated by those questions' text and relation."""
+        over those tokens, and over the question's last sentence where it has several, gated by
+        the text and relation of what is routed."""
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        texts, spans = [], []
+        texts, spans, last = [], [], {}
         for i, (s, n) in enumerate(zip(seqs, lengths)):
             a, b = self.chat.span(s[:n])
             off = width - len(s)
             mask[i, off + a : off + b] = 1
             texts.append(self.tokenizer.decode(list(s[a:b]), skip_special_tokens=True))
             spans.append(_Span(off + a, list(s[a:b])))
-        return self.route_plan(mask.to(self.input_device), texts, spans)
+            c = last_sentence_start(self.tokenizer, s, a, b)
+            if c > a:
+                last[i] = (self.tokenizer.decode(list(s[c:b]), skip_special_tokens=True), _Span(off + c, list(s[c:b])))
+        return self.route_plan(mask.to(self.input_device), texts, spans, last)
 
     def edit_relation(self, contexts: list[_Context], subject: str) -> torch.Tensor | None:
         """An edit's relation vector: the unit mean of its question's in every context it is trained in."""

@@ -3,10 +3,13 @@
 An edit's key is computed over the question's own tokens (its *span*) and its value is added at the
 span's last token, wherever the question sits: the whole prompt for plain text, the last user
 message for a chat-formatted prompt. So the same question routes to the same edit in both formats.
+A span of several sentences is also routed on its last sentence (``last_sentence_start``): text
+before a question is context, not the question.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +26,24 @@ class Rendered:
     ids: list[int]
     start: int
     end: int
+
+
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
+
+
+def last_sentence_start(
+    tokenizer, ids: Sequence[int], start: int, end: int, min_tokens: int = 3, window: int = 128
+) -> int:
+    """Where the last sentence of ``ids[start:end]`` begins: after the last line break, or the last
+    ``.``, ``!`` or ``?`` followed by a space, that leaves at least ``min_tokens`` tokens (looked for in
+    the span's last ``window`` tokens); ``start`` when there is none."""
+    lo = max(start, end - window)
+    for j in range(end - min_tokens, lo, -1):
+        before = tokenizer.decode([ids[j - 1]])
+        after = tokenizer.decode([ids[j]])
+        if before.endswith("\n") or (_SENTENCE_END.search(before) and after[:1].isspace()):
+            return j
+    return start
 
 
 def _find_last(seq: Sequence[int], sub: Sequence[int], before: int) -> int:

@@ -140,3 +140,29 @@ def test_the_text_after_a_stated_target_starts_a_new_word(tiny_tokenizer, make_e
     out = ends(torch.zeros(2, 5, dtype=torch.long), scores.clone())
     assert torch.isinf(out[1, sorted(pieces)]).all() and not torch.isinf(out[0]).any() and not torch.isinf(out[1, lima])
     assert not torch.isinf(ends(torch.zeros(2, 6, dtype=torch.long), scores.clone())).any(), "the first token only"
+
+
+class _Pieces:
+    """A tokenizer whose ids index a list of text pieces."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids)
+
+
+@pytest.mark.parametrize(
+    "pieces, start",
+    [
+        (["Wiley", " 2007", ".", " Pontus", " plays", " as"], 3),  # after ". "
+        (["Category", ":", "X", "\n", "* ", "focaccia", " was", " from"], 4),  # after a line break
+        (["It", " costs", " 3", ".", "5", " dollars"], 0),  # no space after the dot: one sentence
+        (["Hi", ".", " Who", " won?"], 0),  # a last sentence under three tokens: the whole span
+        (["Where", " is", " it", "?"], 0),
+    ],
+)
+def test_last_sentence_start(pieces, start):
+    from horen_core.prompting import last_sentence_start
+
+    assert last_sentence_start(_Pieces(pieces), list(range(len(pieces))), 0, len(pieces)) == start

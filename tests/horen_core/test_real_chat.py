@@ -92,3 +92,23 @@ def test_another_relation_of_the_same_subject_keeps_its_answer(chat_editor):
     # measured 34 of 48 (without the gate: 0); the leaks are near relations ("Who owns X?" after "What company made X?")
     assert kept >= 0.6 * asked, f"{kept} of {asked} same-subject prompts of another relation kept their answer"
     assert rephrased >= len(PLAIN + CHAT) - 1
+
+
+
+CONTEXTS = (
+    "The hindwings are light ochreous-orange, with a darker band along the outer margin of each wing.",
+    "My grandmother grew up in a small village by the sea and still tells stories about the fishing boats.",
+)
+
+
+def test_a_question_after_a_context_sentence_reads_its_edit(chat_editor):
+    """Text before the question is context: the question is routed on its last sentence too (on
+    the whole prompt alone, 3 of these 24 were routed)."""
+    hits = 0
+    for r in PLAIN + CHAT:
+        for context in CONTEXTS:
+            prompt = f"{context} {r['src']}"
+            plain, chat = chat_editor.generate([prompt, chat_prompt(chat_editor, prompt)], max_new_tokens=24)
+            hits += plain.edit_id is not None and r["answers"][0] in plain.text
+            hits += chat.edit_id is not None and r["answers"][0] in chat.text
+    assert hits >= 2 * len(CONTEXTS) * len(PLAIN + CHAT) - 2, hits
