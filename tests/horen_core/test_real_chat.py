@@ -94,7 +94,6 @@ def test_another_relation_of_the_same_subject_keeps_its_answer(chat_editor):
     assert rephrased >= len(PLAIN + CHAT) - 1
 
 
-
 CONTEXTS = (
     "The hindwings are light ochreous-orange, with a darker band along the outer margin of each wing.",
     "My grandmother grew up in a small village by the sea and still tells stories about the fishing boats.",
