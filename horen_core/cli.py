@@ -38,6 +38,11 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--format", default="auto", choices=["auto", *FORMATS])
     p.add_argument("--chat", action="store_true", help="also score every prompt in the model's chat template")
+    p.add_argument(
+        "--given-subjects",
+        action="store_true",
+        help="edit with the subject each record names (as a client passing `subject` would); default: inferred",
+    )
     p.add_argument("--edit-chat", action="store_true", help="make the edits with the prompts in the chat template")
     p.add_argument("--no-user-metrics", action="store_true", help="only the paper's token-match metrics")
     p.add_argument("--target-field", default="answers", help="ZsRE: answers (answers[0]) or alt")
@@ -95,7 +100,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     report: dict = {"config": editor.config.to_dict(), "checkpoints": {}}
     for i, rec in enumerate(tqdm(records, desc="editing", file=sys.stderr), start=1):
         prompt = chat_prompt(editor, rec.prompt) if args.edit_chat else rec.prompt
-        res = editor.edit(prompt, rec.target)
+        res = editor.edit(prompt, rec.target, subject=rec.subject if args.given_subjects else None)
         seconds.append(res.seconds)
         steps.append(res.steps)
         created += int(res.created)

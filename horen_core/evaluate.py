@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from horen_core.editor import HorenEditor
@@ -26,6 +26,7 @@ class EditRecord:
     specificity: tuple[str, ...] = ()  # same subject, another relation: the answer must not change
     portability: tuple[tuple[str, str], ...] = ()  # (prompt, answer) that follow from the edit
     sub_questions: tuple[tuple[str, str], ...] = ()  # UnKE: (question, answer) about the long answer
+    subject: str | None = None  # the subject the data set names (None: it names none)
 
 
 FORMATS = ("zsre", "counterfact", "rome", "knowedit", "unke")
@@ -121,6 +122,9 @@ def load_records(
     for i, r in enumerate(rows[offset : offset + n if n is not None else None], start=offset):
         try:
             rec = _record(r, fmt, target_field)
+            named = r["requested_rewrite"].get("subject") if fmt == "rome" else r.get("subject")
+            if isinstance(named, str) and named.strip():
+                rec = replace(rec, subject=named)
         except (KeyError, IndexError, TypeError) as exc:
             raise ValueError(f"{path}: record {i} is not a valid {fmt} record (missing or bad {exc})") from exc
         if not isinstance(rec.prompt, str) or not rec.prompt.strip() or not str(rec.target).strip():

@@ -60,6 +60,7 @@ def test_knowedit_records_load_with_specificity_and_portability(tmp_path):
     assert rec.specificity == ("The gender of Aram Arman is", "The place of birth of Aram Arman is")
     assert rec.portability == (("The occupation of A. Arman is", "painter"),)
     assert rec.rephrase == "The occupation of A. Arman is"  # the subject alias stands in for a rephrase
+    assert rec.subject == "Aram Arman"
 
 
 def test_unke_records_load_with_sub_questions(tmp_path):
@@ -74,6 +75,7 @@ def test_rome_counterfact_records_load_with_paraphrase_and_neighbour(tmp_path):
     assert (rec.prompt, rec.target) == ("suicide attack specializes in", "physiology")
     assert rec.rephrase == "2003. suicide attack works in the area of"
     assert (rec.loc_prompt, rec.loc_answer) == ("The expertise of SPECTRE is", "terrorism")
+    assert rec.subject == "suicide attack"
 
 
 def test_bad_records_give_a_clear_error(tmp_path):
