@@ -322,10 +322,17 @@ class _Released(StoppingCriteria):
 _PATIENCE = 8
 
 
+def _long_form(answer: str, words: int = 12) -> bool:
+    """A paragraph rather than a fact (over ``words`` words): one value carries it only
+    approximately, so a routed row keeps its text even when it never states the answer verbatim."""
+    return len(answer.split()) > words
+
+
 class _TargetStated(StoppingCriteria):
     """Stops each routed row once its generated text contains its edit's target, or once it has run
-    ``_PATIENCE`` tokens past the target's length without it (those rows are in ``missed``);
-    ``stated`` maps the stopped rows to how many tokens they had then."""
+    ``_PATIENCE`` tokens past the target's length without it (those rows are in ``missed``, unless
+    the target is long-form: ``_long_form``); ``stated`` maps the stopped rows to how many tokens
+    they had then."""
 
     def __init__(self, tokenizer, codebook: Codebook, plan: RoutePlan, prompt_width: int) -> None:
         self.tokenizer, self.codebook, self.plan, self.width = tokenizer, codebook, plan, prompt_width
@@ -354,6 +361,7 @@ class _TargetStated(StoppingCriteria):
                 done[i] = True
             elif n >= self.patience[i]:
                 self.stated[i] = n
-                self.missed.add(i)
+                if not _long_form(answer):
+                    self.missed.add(i)
                 done[i] = True
         return done

@@ -166,3 +166,19 @@ def test_last_sentence_start(pieces, start):
     from horen_core.prompting import last_sentence_start
 
     assert last_sentence_start(_Pieces(pieces), list(range(len(pieces))), 0, len(pieces)) == start
+
+
+def test_a_long_form_answer_is_kept_when_it_is_not_stated_verbatim(tiny_llama, make_editor):
+    """A routed row that never states a fact's target is answered unedited; a paragraph (over 12
+    words), which one value carries only approximately, keeps the edited text."""
+    model, tok = tiny_llama
+    editor = make_editor(model, tok, HorenConfig(layer=1, max_steps=1))  # one step: not learnt verbatim
+    prompt = "where was Bob born ?"
+    long = "Bob was born in Lima . the city is in Peru . Bob plays chess and the piano in Lima"
+    res = editor.edit(prompt, long)
+    n = len(res.answer) + 12  # past the patience of a fact's row
+    got = editor.generate([prompt], max_new_tokens=n)[0]
+    assert got.entry_id == res.entry_id and long not in got.text
+    with editor.unedited():
+        unedited = editor.generate([prompt], max_new_tokens=n)[0]
+    assert got.token_ids and got.token_ids != unedited.token_ids
