@@ -14,15 +14,15 @@ import contextlib
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from horen_core import bulk
 from horen_core.codebook import Codebook, CodebookChange
 from horen_core.config import HorenConfig
-from horen_core.edits import EditStore
+from horen_core.edits import EditResult, EditStore, Fact, TrainedEdit
 from horen_core.errors import InvalidInputError
 from horen_core.gate import RelationGate, span_features
 from horen_core.gating import GatedRouter
@@ -36,39 +36,6 @@ from horen_core.subjects import resolve_subject
 from horen_core.training import ValueTrainer, _Context
 
 __all__ = ["EditResult", "Fact", "Generation", "HorenEditor", "RowStream", "TrainedEdit"]
-
-
-@dataclass(frozen=True)
-class TrainedEdit:
-    """An edit's trained key and value, not yet in the codebook (``HorenEditor.train``)."""
-
-    entry_id: int | None  # the entry it retrains (its key routes there, same answer); None: a new entry
-    created: bool  # a new entry (True), or a new value for the entry its key routes to
-    steps: int
-    loss: float
-    seconds: float
-    key: torch.Tensor  # this edit's query (unit), on cpu
-    value: torch.Tensor  # the trained value, on cpu
-    answer: tuple[int, ...]
-    subject: str = ""  # the name a prompt must mention to be routed to this edit ("" = any prompt)
-    gate: torch.Tensor | None = None  # the question's relation vector, on cpu (None: no relation gate)
-
-
-@dataclass(frozen=True)
-class Fact:
-    """One edit to make, as ``train`` takes it (``train_many``, ``edit_many``)."""
-
-    prompt: str
-    target: str
-    fmt: str = "auto"
-    subject: str | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class EditResult(TrainedEdit):
-    """An edit trained and applied (``HorenEditor.edit``): ``entry_id`` is the entry it is in."""
-
-    edit_id: int
 
 
 class HorenEditor:
@@ -343,77 +310,7 @@ class HorenEditor:
         floating-point noise of batched passes). A caller that applies only some of the returned
         edits, or whose codebook changes otherwise before they are all applied, calls again for
         the rest instead of applying them. ``seconds`` is the call's time shared among its edits."""
-        facts = [f if isinstance(f, Fact) else Fact(*f) for f in facts]
-        if not facts:
-            return []
-        t0 = time.perf_counter()
-        with self.lock:
-            parsed: list[tuple[str, list[_Context], str] | InvalidInputError] = []
-            for f in facts:
-                try:
-                    question, _ = resolve_question(self.chat, f.prompt, f.fmt)
-                    parsed.append((question, self._contexts(question, f.target), resolve_subject(question, f.subject)))
-                except InvalidInputError as exc:
-                    parsed.append(exc)
-            valid = [p for p in parsed if not isinstance(p, InvalidInputError)]
-            self.trainer.prepare_many([c for _, contexts, _ in valid for c in contexts])
-            queries = [F.normalize(torch.stack([c.query for c in p[1]]).mean(0), dim=-1) for p in valid]
-            scratch = self._scratch(torch.stack(queries) if queries else None, len(valid))
-            touched: set[int] = set()  # entries the call's facts so far create or retrain
-            planned: list[tuple | InvalidInputError] = []
-            query_of = iter(queries)
-            for p in parsed:
-                if isinstance(p, InvalidInputError):
-                    planned.append(p)
-                    continue
-                question, contexts, subject = p
-                query, answer = next(query_of), tuple(contexts[0].target)
-                gate = self.routing.edit_relation(contexts, subject)
-                # the same decision as ``train``, against the codebook with the earlier facts in it
-                _, entry_ids, _ = scratch.route(query[None], [question])
-                reuse = entry_ids[0]
-                if reuse is not None and scratch.codebook.entry(reuse).answer != answer:
-                    reuse = None  # a conflicting edit gets its own key
-                if reuse is not None and reuse in touched:
-                    break  # its value starts from an earlier fact's: the caller applies that first
-                placeholder = torch.zeros(self.codebook.value_dim, device=self.device)
-                if reuse is None:
-                    change = scratch.store.add(-1 - len(planned), query, placeholder, answer, subject, gate)
-                else:
-                    change = scratch.store.apply_version(
-                        -1 - len(planned), reuse, query, placeholder, answer, subject, gate
-                    )
-                touched.add(change.entry_id)
-                planned.append((contexts, subject, query, answer, gate, reuse))
-            jobs = [p for p in planned if not isinstance(p, InvalidInputError)]
-            inits = [
-                self.codebook.values[self.codebook.row_of(reuse)].clone() if reuse is not None else None
-                for _, _, _, _, _, reuse in jobs
-            ]
-            values = iter(self.trainer.train_values([(p[0], init) for p, init in zip(jobs, inits)]))
-        seconds = (time.perf_counter() - t0) / len(planned)
-        out: list[TrainedEdit | InvalidInputError] = []
-        for p in planned:
-            if isinstance(p, InvalidInputError):
-                out.append(p)
-                continue
-            _, subject, query, answer, gate, reuse = p
-            value, steps, loss = next(values)
-            out.append(
-                TrainedEdit(
-                    entry_id=reuse,
-                    created=reuse is None,
-                    steps=steps,
-                    loss=loss,
-                    seconds=seconds,
-                    key=query.detach().cpu(),
-                    value=value.detach().cpu(),
-                    answer=answer,
-                    subject=subject,
-                    gate=gate.detach().cpu() if gate is not None else None,
-                )
-            )
-        return out
+        return bulk.train_many(self, facts)
 
     def edit_many(self, facts: Sequence[Fact | tuple], batch: int = 32) -> list[EditResult | InvalidInputError]:
         """``edit`` of each fact in order, under the next free edit ids: ``train_many`` of up to
@@ -433,35 +330,6 @@ class HorenEditor:
                     change = self.apply(edit_id, trained)
                     out.append(EditResult(**{**vars(trained), "entry_id": change.entry_id}, edit_id=edit_id))
         return out
-
-    def _scratch(self, queries: torch.Tensor | None, n: int) -> GatedRouter:
-        """Routing over a scratch copy of the entries that ``n`` edits with these unit queries can
-        reach (each query's nearest ``hopfield_support`` + ``n`` keys: the ones it attends however
-        those edits change the keys; every entry when the support is all keys), gated like
-        ``self.routing``; the edits are played on it without touching the codebook."""
-        cb = self.codebook
-        support = self.config.hopfield_support
-        if queries is None or not len(cb):
-            ids: list[int] = []
-        elif not support or len(cb) <= support + n:
-            ids = cb.row_entry_ids.tolist()
-        else:
-            k = support + n
-            rows = None
-            if self.router.index is not None:
-                rows = self.router.index.candidates(queries, self.router.keys, k)
-            if rows is None:
-                rows = (queries.to(cb.keys.device, cb.dtype) @ cb.keys.T).topk(k, dim=-1).indices
-            ids = [cb.entry_id_at(r) for r in rows[rows >= 0].unique().tolist()]
-        sub = cb.subset(ids)
-        router = Router(sub, self.router.retriever)
-        store = EditStore(sub, router, self.device)
-        edits = [v.edit_id for e in ids for v in cb.entry(e).versions]
-        store.subjects = {e: self.store.subjects[e] for e in edits if e in self.store.subjects}
-        store.gates = {e: self.store.gates[e] for e in edits if e in self.store.gates}
-        routing = GatedRouter(sub, router, store, self.layer, self.config, self.chat, self.tokenizer, self.input_device)
-        routing.gate = self.routing.gate
-        return routing
 
     def _contexts(self, question: str, target: str) -> list[_Context]:
         """The question in each format it is trained in: plain first (its target tokens are the

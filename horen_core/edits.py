@@ -1,11 +1,13 @@
 """The live edits: the codebook and what is kept beside each edit in it (the subject a prompt must
 name, the relation vector), changed only here so that every ``CodebookChange`` reaches the router.
-Saved and loaded as one safetensors file. Not thread-safe: callers hold the editor's lock."""
+Saved and loaded as one safetensors file; and the records of an edit on its way in (``Fact``,
+``TrainedEdit``, ``EditResult``). Not thread-safe: callers hold the editor's lock."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
@@ -13,6 +15,39 @@ from safetensors import safe_open
 from horen_core.codebook import Codebook, CodebookChange
 from horen_core.errors import CorruptStateError
 from horen_core.routing import Router
+
+
+@dataclass(frozen=True)
+class TrainedEdit:
+    """An edit's trained key and value, not yet in the codebook (``HorenEditor.train``)."""
+
+    entry_id: int | None  # the entry it retrains (its key routes there, same answer); None: a new entry
+    created: bool  # a new entry (True), or a new value for the entry its key routes to
+    steps: int
+    loss: float
+    seconds: float
+    key: torch.Tensor  # this edit's query (unit), on cpu
+    value: torch.Tensor  # the trained value, on cpu
+    answer: tuple[int, ...]
+    subject: str = ""  # the name a prompt must mention to be routed to this edit ("" = any prompt)
+    gate: torch.Tensor | None = None  # the question's relation vector, on cpu (None: no relation gate)
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One edit to make, as ``train`` takes it (``train_many``, ``edit_many``)."""
+
+    prompt: str
+    target: str
+    fmt: str = "auto"
+    subject: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EditResult(TrainedEdit):
+    """An edit trained and applied (``HorenEditor.edit``): ``entry_id`` is the entry it is in."""
+
+    edit_id: int
 
 
 class EditStore:

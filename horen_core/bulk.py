@@ -1,0 +1,130 @@
+"""Training many edits at once (``HorenEditor.train_many``): every fact is routed as ``train``
+would route it, against a scratch copy of the entries near the facts with the earlier facts of the
+call played on it, and their values are trained together (``ValueTrainer.train_values``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from horen_core.edits import EditStore, Fact, TrainedEdit
+from horen_core.errors import InvalidInputError
+from horen_core.gating import GatedRouter
+from horen_core.prompting import resolve_question
+from horen_core.routing import Router
+from horen_core.subjects import resolve_subject
+from horen_core.training import _Context
+
+if TYPE_CHECKING:
+    from horen_core.editor import HorenEditor
+
+
+def train_many(editor: HorenEditor, facts: Sequence[Fact | tuple]) -> list[TrainedEdit | InvalidInputError]:
+    """See ``HorenEditor.train_many``, whose contract this implements."""
+    facts = [f if isinstance(f, Fact) else Fact(*f) for f in facts]
+    if not facts:
+        return []
+    t0 = time.perf_counter()
+    with editor.lock:
+        parsed: list[tuple[str, list[_Context], str] | InvalidInputError] = []
+        for f in facts:
+            try:
+                question, _ = resolve_question(editor.chat, f.prompt, f.fmt)
+                parsed.append((question, editor._contexts(question, f.target), resolve_subject(question, f.subject)))
+            except InvalidInputError as exc:
+                parsed.append(exc)
+        valid = [p for p in parsed if not isinstance(p, InvalidInputError)]
+        editor.trainer.prepare_many([c for _, contexts, _ in valid for c in contexts])
+        queries = [F.normalize(torch.stack([c.query for c in p[1]]).mean(0), dim=-1) for p in valid]
+        scratch = _scratch(editor, torch.stack(queries) if queries else None, len(valid))
+        touched: set[int] = set()  # entries the call's facts so far create or retrain
+        planned: list[tuple | InvalidInputError] = []
+        query_of = iter(queries)
+        for p in parsed:
+            if isinstance(p, InvalidInputError):
+                planned.append(p)
+                continue
+            question, contexts, subject = p
+            query, answer = next(query_of), tuple(contexts[0].target)
+            gate = editor.routing.edit_relation(contexts, subject)
+            # the same decision as ``train``, against the codebook with the earlier facts in it
+            _, entry_ids, _ = scratch.route(query[None], [question])
+            reuse = entry_ids[0]
+            if reuse is not None and scratch.codebook.entry(reuse).answer != answer:
+                reuse = None  # a conflicting edit gets its own key
+            if reuse is not None and reuse in touched:
+                break  # its value starts from an earlier fact's: the caller applies that first
+            placeholder = torch.zeros(editor.codebook.value_dim, device=editor.device)
+            if reuse is None:
+                change = scratch.store.add(-1 - len(planned), query, placeholder, answer, subject, gate)
+            else:
+                change = scratch.store.apply_version(
+                    -1 - len(planned), reuse, query, placeholder, answer, subject, gate
+                )
+            touched.add(change.entry_id)
+            planned.append((contexts, subject, query, answer, gate, reuse))
+        jobs = [p for p in planned if not isinstance(p, InvalidInputError)]
+        inits = [
+            editor.codebook.values[editor.codebook.row_of(reuse)].clone() if reuse is not None else None
+            for _, _, _, _, _, reuse in jobs
+        ]
+        values = iter(editor.trainer.train_values([(p[0], init) for p, init in zip(jobs, inits)]))
+    seconds = (time.perf_counter() - t0) / len(planned)
+    out: list[TrainedEdit | InvalidInputError] = []
+    for p in planned:
+        if isinstance(p, InvalidInputError):
+            out.append(p)
+            continue
+        _, subject, query, answer, gate, reuse = p
+        value, steps, loss = next(values)
+        out.append(
+            TrainedEdit(
+                entry_id=reuse,
+                created=reuse is None,
+                steps=steps,
+                loss=loss,
+                seconds=seconds,
+                key=query.detach().cpu(),
+                value=value.detach().cpu(),
+                answer=answer,
+                subject=subject,
+                gate=gate.detach().cpu() if gate is not None else None,
+            )
+        )
+    return out
+
+
+def _scratch(editor: HorenEditor, queries: torch.Tensor | None, n: int) -> GatedRouter:
+    """Routing over a scratch copy of the entries that ``n`` edits with these unit queries can
+    reach (each query's nearest ``hopfield_support`` + ``n`` keys: the ones it attends however
+    those edits change the keys; every entry when the support is all keys), gated like
+    ``the editor's routing``; the edits are played on it without touching the codebook."""
+    cb = editor.codebook
+    support = editor.config.hopfield_support
+    if queries is None or not len(cb):
+        ids: list[int] = []
+    elif not support or len(cb) <= support + n:
+        ids = cb.row_entry_ids.tolist()
+    else:
+        k = support + n
+        rows = None
+        if editor.router.index is not None:
+            rows = editor.router.index.candidates(queries, editor.router.keys, k)
+        if rows is None:
+            rows = (queries.to(cb.keys.device, cb.dtype) @ cb.keys.T).topk(k, dim=-1).indices
+        ids = [cb.entry_id_at(r) for r in rows[rows >= 0].unique().tolist()]
+    sub = cb.subset(ids)
+    router = Router(sub, editor.router.retriever)
+    store = EditStore(sub, router, editor.device)
+    edits = [v.edit_id for e in ids for v in cb.entry(e).versions]
+    store.subjects = {e: editor.store.subjects[e] for e in edits if e in editor.store.subjects}
+    store.gates = {e: editor.store.gates[e] for e in edits if e in editor.store.gates}
+    routing = GatedRouter(
+        sub, router, store, editor.layer, editor.config, editor.chat, editor.tokenizer, editor.input_device
+    )
+    routing.gate = editor.routing.gate
+    return routing
