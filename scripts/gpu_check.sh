@@ -2,7 +2,7 @@
 # GPU checks for a CUDA host with PyTorch (e.g. a lent H100/H200, whose image has torch and transformers
 # but not the service's packages): the unit tests with the GPU-marked ones, bench/gpu_routing.py, the
 # random-init edit-speed benches (SmolLM2-135M and Llama-3-8B shapes) and bench/service_load.py on a
-# random SmolLM2-shaped model served from the GPU, and the CPU index at 1M keys on the host's cores.
+# random SmolLM2-shaped model served from the GPU, bench/bulk_import.py on it, and the CPU index at 1M keys on the host's cores.
 # Logs go to $OUT (default ./gpu-out), one per step.
 #
 #   .whl/  (optional) wheels installed first into /tmp/site: the service's dependencies; on the lent
@@ -49,6 +49,9 @@ from edit_speed import random_model
 m, t = random_model('llama-135m', torch.device('cpu'), Path('$TOK'))
 m.save_pretrained('$RAND'); t.save_pretrained('$RAND'); print('saved')"
 step service_load 180 "$PY" bench/service_load.py --device cuda --model "$RAND"
+# batched against one-by-one training of the same 100 edits (random weights: throughput only)
+step bulk_import 150 "$PY" bench/bulk_import.py --device cuda --model "$RAND" --n 100 --batch 32 \
+  --data tests/fixtures/zsre_small.json
 # the CPU index at 1M keys on this host's cores (synthetic keys: timing, not agreement)
 step index_cpu_1m 120 "$PY" bench/index_bench.py --sizes 1000000 --queries 500 --unrelated 100 --timed 300 \
   --exact-budget 5 --scan-threads 4
