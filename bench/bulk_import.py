@@ -31,6 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import add_model_arguments, apply_threads  # noqa: E402
 from horen_core import Fact, HorenConfig, HorenEditor, InvalidInputError, load_model, pick_device  # noqa: E402
 from horen_core.evaluate import EditRecord, load_records, locality_outputs, score, summarize  # noqa: E402
 
@@ -75,13 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32, help="facts per train_many call")
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--data", default=str(DEFAULT_DATA), help="load_records JSON, or prompt<TAB>target TSV")
-    p.add_argument("--model", default=None, help="local HF folder or GGUF file (default: bundled SmolLM2)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--converted-dir", default=str(REPO / ".horen" / "converted"))
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    add_model_arguments(p)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
 
     device = pick_device(args.device)
     records = read_records(args.data, args.n, args.offset)

@@ -1,9 +1,11 @@
 """Helpers the benchmarks share with the end-to-end tests: a real server process on a free port
 (`Server`), the tiny random model of the tests saved as a local HF folder, and method settings
-that make it learn an edit in a fraction of a second."""
+that make it learn an edit in a fraction of a second; and the model options of the in-process
+benches (`add_model_arguments`)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -11,9 +13,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
 import torch
+
+if TYPE_CHECKING:
+    import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "e2e-admin-token"  # the servers' HOREN_ADMIN_TOKEN
@@ -104,6 +109,8 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 180.0) -> Server:
+        import httpx
+
         self.port = free_port()
         env = {
             **os.environ,
@@ -147,4 +154,19 @@ class Server:
                 self.proc.wait()
 
     def client(self) -> httpx.Client:
+        import httpx  # only the server benches need it (the GPU image may lack it)
+
         return httpx.Client(base_url=self.url, timeout=120)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, --device, --converted-dir and --threads, as the in-process benches take them."""
+    p.add_argument("--model", default=None, help="local HF folder or GGUF file (default: bundled SmolLM2)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--converted-dir", default=str(REPO / ".horen" / "converted"))
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)

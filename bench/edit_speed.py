@@ -28,6 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import add_model_arguments, apply_threads  # noqa: E402
 from horen_core import HorenConfig, HorenEditor, load_model, pick_device  # noqa: E402
 from horen_core.evaluate import edit_seconds_stats, load_records, locality_outputs, score, summarize  # noqa: E402
 
@@ -144,14 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=30)
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--data", default=str(REPO / "tests" / "fixtures" / "zsre_small.json"), help="ZsRE MEND json")
-    p.add_argument("--model", default=None, help="local HF folder or GGUF file (default: bundled SmolLM2)")
+    add_model_arguments(p)
     p.add_argument("--random-init", choices=sorted(RANDOM_SHAPES), default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--converted-dir", default=str(REPO / ".horen" / "converted"))
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
 
     device = pick_device(args.device)
     records = load_records(args.data, n=args.n, offset=args.offset)
