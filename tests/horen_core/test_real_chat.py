@@ -89,7 +89,7 @@ def test_another_relation_of_the_same_subject_keeps_its_answer(chat_editor):
         kept += sum(got.edit_id is None and got.text == base.text for got, base in zip(edited, unedited))
         asked += len(prompts)
         rephrased += r["answers"][0] in chat_editor.generate([r["rephrase"]], max_new_tokens=24)[0].text
-    # measured 34 of 48 (without the gate: 0); the leaks are near relations ("Who owns X?" after "What company made X?")
+    # measured 34 of 48 at gate threshold 0.169 (without the gate: 0); the leaks are near relations ("Who owns X?")
     assert kept >= 0.6 * asked, f"{kept} of {asked} same-subject prompts of another relation kept their answer"
     assert rephrased >= len(PLAIN + CHAT) - 1
 
