@@ -17,6 +17,7 @@ forced). Prints both score sets, median and p90 seconds per edit, a ``ratio`` li
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -164,30 +165,27 @@ def main(argv: list[str] | None = None) -> int:
     # that has no such fields, so this stays HorenConfig(reference_procedure=True, lr=1.0) there
     reference = HorenConfig.from_dict({"reference_procedure": True, "lr": 1.0, "adam_beta1": 0.9, "adam_beta2": 0.999})
     modes = {"ours": HorenConfig(), "reference": reference}
-    # one editor, one codebook per mode, and the two modes' edits interleaved record by record (the
-    # first mode alternating), so load from anything else on the machine hits both alike
-    from horen_core import Codebook
-
-    editor = HorenEditor(model, tokenizer, modes["ours"])
-    books = {name: Codebook(editor.codebook.key_dim, editor.codebook.value_dim, editor.device) for name in modes}
-    with editor.unedited():
-        baseline_loc = locality_outputs(editor, records) if quality else None
+    # one editor per mode, each on its own copy of the model, and the two modes' edits interleaved
+    # record by record (the first mode alternating), so load from anything else hits both alike
+    copies = [model] + [copy.deepcopy(model) for _ in range(len(modes) - 1)]  # copied before any is wrapped
+    editors = {name: HorenEditor(m, tokenizer, cfg) for m, (name, cfg) in zip(copies, modes.items())}
+    with editors["ours"].unedited():
+        baseline_loc = locality_outputs(editors["ours"], records) if quality else None
     seconds: dict[str, list[float]] = {name: [] for name in modes}
     steps: dict[str, list[int]] = {name: [] for name in modes}
     order = list(modes)
     try:
         for name in order:  # warm-up, one throwaway edit per mode
-            editor.codebook, editor.config = books[name], modes[name]
+            editor = editors[name]
             editor.rollback(editor.edit("Warm-up: which city is the capital of the country?", "Nowhere").edit_id)
         for i, rec in enumerate(records):
             for name in order if i % 2 == 0 else order[::-1]:
-                editor.codebook, editor.config = books[name], modes[name]
-                res = editor.edit(rec.prompt, rec.target)
+                res = editors[name].edit(rec.prompt, rec.target)
                 seconds[name].append(res.seconds)
                 steps[name].append(res.steps)
         results = {}
         for name in order:
-            editor.codebook, editor.config = books[name], modes[name]
+            editor = editors[name]
             out = {
                 **edit_seconds_stats(seconds[name]),
                 "mean_steps": round(statistics.mean(steps[name]), 2),
@@ -198,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = out
             print(f"{name:9s} {json.dumps(out)}")
     finally:
-        editor.unwrap()
+        for editor in editors.values():
+            editor.unwrap()
 
     ours, ref = results["ours"], results["reference"]
     ratio = ref["edit_seconds_median"] / ours["edit_seconds_median"]
