@@ -87,7 +87,10 @@ def peak_memory_mb() -> float:
 def run_eval(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
-    records = load_records(args.data, args.format, args.target_field, args.n, args.offset)
+    try:
+        records = load_records(args.data, args.format, args.target_field, args.n, args.offset)
+    except (OSError, ValueError) as exc:  # a missing file or a bad record: one line, not a traceback
+        raise SystemExit(f"horen eval: {exc}") from None
     model, tokenizer = load_model(args.model, device=args.device, converted_dir=args.converted_dir or None)
     editor = HorenEditor(model, tokenizer, config_from_args(args))
     with editor.unedited():

@@ -127,3 +127,14 @@ def test_user_scores_on_a_tiny_model(tiny_llama, make_editor):
     assert "specificity" not in rows[1] and "rephrase_contains" not in rows[1]
     summary = summarize_user(rows, base)
     assert summary["rewrite_contains"] == 1.0 and summary["fluency_ratio"] > 0
+
+
+def test_horen_eval_names_a_missing_or_bad_data_file_without_a_traceback(tmp_path):
+    from horen_core.cli import eval_main
+
+    with pytest.raises(SystemExit, match="horen eval: .*No such file"):
+        eval_main(["--data", str(tmp_path / "missing.json")])
+    broken = dict(UNKE)
+    del broken["answer"]
+    with pytest.raises(SystemExit, match="record 0 is not a valid unke record"):
+        eval_main(["--data", str(write(tmp_path, [broken])), "--format", "unke"])
