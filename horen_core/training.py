@@ -386,16 +386,14 @@ class _Packed:
             self.base[i, : len(x)] = x
         self.onehot = torch.zeros(len(suffixes), width, 1, device=device, dtype=dtype)
         self.onehot[:, 0] = 1  # each value goes in at its row's first suffix position
-        rows, cols, token_ctx = [], [], []
+        rows, cols = [], []
         for i, (c, p) in enumerate(zip(self.contexts, starts)):
             first = len(c.rendered.ids) - 1 - p
             rows += [i] * len(c.target)
             cols += range(first, first + len(c.target))
-            token_ctx += [i] * len(c.target)
-        self.rows = torch.tensor(rows, device=device)
+        self.rows = torch.tensor(rows, device=device)  # each target token's context (its row)
         self.cols = torch.tensor(cols, device=device)
         self.owner = torch.tensor(owner, device=device)
-        self.token_ctx = torch.tensor(token_ctx, device=device)
         self.targets = torch.tensor([t for c in self.contexts for t in c.target], device=device)
         self.ctx_len = torch.tensor([len(c.target) for c in self.contexts], device=device, dtype=torch.float32)
         self.n_ctx = torch.bincount(self.owner, minlength=len(edits)).to(torch.float32)
@@ -413,8 +411,8 @@ class _Packed:
         token_loss = F.cross_entropy(logits, self.targets, reduction="none")
         wrong = (logits.argmax(-1) != self.targets).float()
         n_ctx = len(self.contexts)
-        ctx_loss = torch.zeros(n_ctx, device=logits.device).index_add_(0, self.token_ctx, token_loss) / self.ctx_len
-        ctx_wrong = torch.zeros(n_ctx, device=logits.device).index_add_(0, self.token_ctx, wrong)
+        ctx_loss = torch.zeros(n_ctx, device=logits.device).index_add_(0, self.rows, token_loss) / self.ctx_len
+        ctx_wrong = torch.zeros(n_ctx, device=logits.device).index_add_(0, self.rows, wrong)
         edit_loss = torch.zeros(self.n_edits, device=logits.device).index_add_(0, self.owner, ctx_loss) / self.n_ctx
         edit_wrong = torch.zeros(self.n_edits, device=logits.device).index_add_(0, self.owner, ctx_wrong)
         return edit_loss, edit_wrong == 0
