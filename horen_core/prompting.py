@@ -38,11 +38,14 @@ def last_sentence_start(
     ``.``, ``!`` or ``?`` followed by a space, that leaves at least ``min_tokens`` tokens (looked for in
     the span's last ``window`` tokens); ``start`` when there is none."""
     lo = max(start, end - window)
+    after = None
     for j in range(end - min_tokens, lo, -1):
         before = tokenizer.decode([ids[j - 1]])
-        after = tokenizer.decode([ids[j]])
+        if after is None:
+            after = tokenizer.decode([ids[j]])
         if before.endswith("\n") or (_SENTENCE_END.search(before) and after[:1].isspace()):
             return j
+        after = before  # the next boundary looked at is one token earlier: this token comes after it
     return start
 
 
