@@ -13,20 +13,22 @@ import torch
 
 from horen_core.config import HorenConfig
 from horen_core.editor import HorenEditor
+from horen_core.edits import Fact
+from horen_core.errors import InvalidInputError
 from horen_core.evaluate import (
     FORMATS,
+    EditRecord,
     chat_prompt,
     edit_seconds_stats,
     load_records,
-    locality_outputs,
     score,
     summarize,
     summarize_user,
-    user_baseline,
     user_scores,
 )
 from horen_core.modeling import load_model
 from horen_core.plotting import plot_checkpoints
+from horen_core.stream import Baselines, dedupe, fingerprint, generated_facts, mixed_stream, sample
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +36,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         required=True,
-        help="ZsRE (MEND), CounterFact (EasyEdit or ROME), KnowEdit (EasyEdit) or UnKE JSON file",
+        nargs="+",
+        help="ZsRE (MEND), CounterFact (EasyEdit or ROME), KnowEdit (EasyEdit) or UnKE JSON file, or a "
+        "prompt<TAB>target file; several files are mixed into one stream (--seed), repeated prompts dropped",
     )
     p.add_argument("--format", default="auto", choices=["auto", *FORMATS])
     p.add_argument("--chat", action="store_true", help="also score every prompt in the model's chat template")
@@ -50,6 +54,16 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offset", type=int, default=0)
     p.add_argument(
         "--checkpoints", default="", help="comma-separated edit counts at which to re-score all edits so far"
+    )
+    p.add_argument("--seed", type=int, default=0, help="the order of a mixed stream and of the scored sample")
+    p.add_argument("--sample", type=int, default=0, help="score a fixed random sample of this many edits (0: all)")
+    p.add_argument("--user-sample", type=int, default=0, help="of those, what a user sees on this many (0: all)")
+    p.add_argument("--batch", type=int, default=1, help="train this many edits at once (edit_many; 1: one by one)")
+    p.add_argument(
+        "--fill-to", type=int, default=0, help="after the records, generated facts (never scored) up to this many edits"
+    )
+    p.add_argument(
+        "--state", default=None, metavar="DIR", help="save the codebook at each checkpoint here; rerun to resume"
     )
     p.add_argument("--model", default=None, help="local HF folder or GGUF file (default: bundled SmolLM2)")
     p.add_argument("--device", default="auto")
@@ -88,72 +102,161 @@ def run_eval(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     try:
-        records = load_records(args.data, args.format, args.target_field, args.n, args.offset)
+        records, dropped = _stream(args)
     except (OSError, ValueError) as exc:  # a missing file or a bad record: one line, not a traceback
         raise SystemExit(f"horen eval: {exc}") from None
     model, tokenizer = load_model(args.model, device=args.device, converted_dir=args.converted_dir or None)
     editor = HorenEditor(model, tokenizer, config_from_args(args))
-    with editor.unedited():
-        baseline_loc = locality_outputs(editor, records)
     user = not args.no_user_metrics
     chat = (args.chat or args.edit_chat) and editor.chat.available
-    base_user = user_baseline(editor, records, chat) if user else None
-    checkpoints = sorted({int(c) for c in args.checkpoints.split(",") if c.strip()})
-    seconds, steps, created = [], [], 0
+    baselines = Baselines(editor, records, chat)
+    state = _State(Path(args.state), records) if args.state else None
     report: dict = {"config": editor.config.to_dict(), "checkpoints": {}}
-    for i, rec in enumerate(tqdm(records, desc="editing", file=sys.stderr), start=1):
-        prompt = chat_prompt(editor, rec.prompt) if args.edit_chat else rec.prompt
-        res = editor.edit(prompt, rec.target, subject=rec.subject if args.given_subjects else None)
-        seconds.append(res.seconds)
-        steps.append(res.steps)
-        created += int(res.created)
-        if i in checkpoints and i < len(records):
-            summary = summarize(score(editor, records[:i], baseline_loc[:i]))
-            if user:
-                done = records[:i]
-                base_i = _head(base_user, done)
-                summary |= summarize_user(user_scores(editor, done, base_i, chat), base_i)
-            report["checkpoints"][str(i)] = {"n": i, **summary, "keys": len(editor.codebook)}
-            print(json.dumps({"checkpoint": i, **summary}), file=sys.stderr)
+    progress = state.resume(editor) if state else None
+    done, seconds, steps, created, refused = (
+        (progress["done"], progress["seconds"], progress["steps"], progress["created"], progress["refused"])
+        if progress
+        else (0, [], [], 0, 0)
+    )
+    if progress:
+        report["checkpoints"] = progress["checkpoints"]
+        print(f"horen eval: resuming after {done} edits from {args.state}", file=sys.stderr)
+    stops = sorted({int(c) for c in args.checkpoints.split(",") if c.strip() and done < int(c) < len(records)})
+    bar = tqdm(total=len(records), initial=done, desc="editing", file=sys.stderr)
+    for stop in [*stops, len(records)]:
+        while done < stop:
+            chunk = records[done : min(stop, done + max(args.batch, 1))]
+            for res in _edit(editor, chunk, args):
+                if isinstance(res, InvalidInputError):
+                    refused += 1
+                    continue
+                seconds.append(res.seconds)
+                steps.append(res.steps)
+                created += int(res.created)
+            done += len(chunk)
+            bar.update(len(chunk))
+        if stop == len(records):
+            break
+        summary, _ = _score(editor, records, stop, baselines, args, user, chat)
+        report["checkpoints"][str(stop)] = {"n": stop, **summary, "keys": len(editor.codebook)}
+        print(json.dumps({"checkpoint": stop, **summary}), file=sys.stderr)
+        if state:
+            state.save(editor, done, seconds, steps, created, refused, report["checkpoints"])
+    bar.close()
     t0 = time.perf_counter()
-    rows = score(editor, records, baseline_loc)
-    user_summary = {}
-    if user:
-        urows = user_scores(editor, records, base_user, chat)
-        for row, extra in zip(rows, urows):
-            row.update(extra)
-        user_summary = summarize_user(urows, base_user)
-    for row, s, st in zip(rows, seconds, steps):
-        row["edit_seconds"] = round(s, 4)
-        row["steps"] = st
+    summary, rows = _score(editor, records, len(records), baselines, args, user, chat)
     summary = {
         "n": len(records),
-        **summarize(rows),
-        **user_summary,
+        **summary,
         **edit_seconds_stats(seconds),
         "mean_steps": round(sum(steps) / max(len(steps), 1), 2),
         "keys": len(editor.codebook),
+        "refused": refused,
         "peak_memory_mb": peak_memory_mb(),
         "score_seconds": round(time.perf_counter() - t0, 1),
         "reference_procedure": bool(args.reference_procedure),
     }
+    if len(args.data) > 1 or args.fill_to:
+        summary["stream"] = {"files": len(args.data), "duplicates_dropped": dropped, "seed": args.seed}
     report["summary"] = summary
     report["records"] = rows
+    if state:  # a later run with a larger --n goes on from here
+        report["checkpoints"][str(len(records))] = {k: v for k, v in summary.items() if k != "stream"}
+        state.save(editor, done, seconds, steps, created, refused, report["checkpoints"])
     Path(args.output).write_text(json.dumps(report, indent=1))
     if args.plot:
-        plot_checkpoints(report, args.plot, title=f"{Path(args.data).name}, {len(records)} sequential edits")
+        names = ", ".join(Path(d).name for d in args.data)
+        plot_checkpoints(report, args.plot, title=f"{names}: {len(records)} sequential edits")
     return summary
 
 
-def _head(base: dict, done: list) -> dict:
-    """The part of a user baseline that belongs to the first ``len(done)`` records."""
-    n = len(done)
-    k_loc = sum(1 for r in done if r.loc_prompt)
-    k_spec = sum(len(r.specificity) for r in done)
-    out = {"loc": base["loc"][:k_loc], "spec": base["spec"][:k_spec], "fluency": base["fluency"][:n]}
-    if "chat_ends" in base:
-        out["chat_ends"] = base["chat_ends"][:n]
-    return out
+def _stream(args: argparse.Namespace) -> tuple[list[EditRecord], int]:
+    """The records to edit, in order: one file as it is, or several mixed (``mixed_stream``); then
+    ``--offset``/``--n``; then generated facts up to ``--fill-to``."""
+    if len(args.data) == 1:
+        records, dropped = load_records(args.data[0], args.format, args.target_field, args.n, args.offset), 0
+    else:
+        records, dropped = mixed_stream(args.data, args.format, args.target_field, args.seed)
+        records = records[args.offset : args.offset + args.n]
+    if args.fill_to > len(records):
+        # the real records first: they are scored after all the filler edits have been made on top
+        records, more = dedupe([*records, *generated_facts(args.fill_to - len(records), args.seed)])
+        dropped += more
+    return records, dropped
+
+
+def _edit(editor: HorenEditor, chunk: list[EditRecord], args: argparse.Namespace):
+    """Edit each record of ``chunk`` in order: one ``edit`` at a time, or one ``edit_many``."""
+    facts = [
+        Fact(
+            chat_prompt(editor, rec.prompt) if args.edit_chat else rec.prompt,
+            rec.target,
+            subject=rec.subject if args.given_subjects else None,
+        )
+        for rec in chunk
+    ]
+    if args.batch > 1:
+        return editor.edit_many(facts, batch=args.batch)
+    return [editor.edit(f.prompt, f.target, subject=f.subject) for f in facts]
+
+
+def _score(editor, records, done, baselines, args, user, chat) -> tuple[dict, list[dict]]:
+    """The summary of the records scored after ``done`` edits (``--sample``: a fixed random sample
+    of them; ``--user-sample``: the first of those for what a user sees) and their rows."""
+    idx = sample(records, done, args.sample, args.seed)
+    chosen = [records[i] for i in idx]
+    rows = score(editor, chosen, baselines.locality(idx))
+    summary = summarize(rows)
+    if user:
+        uidx = idx[: args.user_sample] if args.user_sample else idx
+        base = baselines.user(uidx)
+        for row, extra in zip(rows, user_scores(editor, chosen[: len(uidx)], base, chat)):
+            row.update(extra)
+        summary |= summarize_user(rows[: len(uidx)], base)
+    for row, i in zip(rows, idx):
+        row["index"], row["source"] = i, records[i].source
+    sources = sorted({r["source"] for r in rows})
+    if len(sources) > 1:
+        summary["by_source"] = {s: summarize([r for r in rows if r["source"] == s]) for s in sources}
+    if args.sample or args.user_sample:
+        summary["scored"] = len(idx)
+        summary["user_scored"] = len(uidx) if user else 0
+    return summary, rows
+
+
+class _State:
+    """``--state DIR``: the codebook and progress saved at each checkpoint, so that a rerun of the
+    same stream (or of a longer one that begins with the edits made) goes on where it stopped."""
+
+    def __init__(self, folder: Path, records: list[EditRecord]) -> None:
+        self.folder, self.records = folder, records
+
+    def resume(self, editor: HorenEditor) -> dict | None:
+        path = self.folder / "progress.json"
+        if not path.exists():
+            return None
+        progress = json.loads(path.read_text())
+        done = progress["done"]
+        if done > len(self.records) or progress.get("stream") != fingerprint(self.records[:done]):
+            raise SystemExit(f"horen eval: {self.folder} holds another stream's progress; use a new --state folder")
+        editor.load(self.folder / "codebook.safetensors")
+        return progress
+
+    def save(self, editor, done, seconds, steps, created, refused, checkpoints) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        editor.save(self.folder / "codebook.tmp")
+        (self.folder / "codebook.tmp").replace(self.folder / "codebook.safetensors")
+        progress = {
+            "stream": fingerprint(self.records[:done]),
+            "done": done,
+            "seconds": seconds,
+            "steps": steps,
+            "created": created,
+            "refused": refused,
+            "checkpoints": checkpoints,
+        }
+        (self.folder / "progress.tmp").write_text(json.dumps(progress))
+        (self.folder / "progress.tmp").replace(self.folder / "progress.json")
 
 
 def eval_main(argv: list[str] | None = None) -> int:

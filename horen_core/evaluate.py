@@ -27,9 +27,10 @@ class EditRecord:
     portability: tuple[tuple[str, str], ...] = ()  # (prompt, answer) that follow from the edit
     sub_questions: tuple[tuple[str, str], ...] = ()  # UnKE: (question, answer) about the long answer
     subject: str | None = None  # the subject the data set names (None: it names none)
+    source: str = ""  # the data file it came from, in a mixed stream (``horen_core.stream``)
 
 
-FORMATS = ("zsre", "counterfact", "rome", "knowedit", "unke")
+FORMATS = ("zsre", "counterfact", "rome", "knowedit", "unke", "tsv")
 
 
 def detect_format(rows: list[dict]) -> str:
@@ -111,6 +112,8 @@ def load_records(
 ) -> list[EditRecord]:
     """Records of a data file in one of ``FORMATS``; a malformed record raises ``ValueError``
     naming its index and the missing field."""
+    if fmt == "tsv" or (fmt == "auto" and Path(path).suffix in (".tsv", ".txt")):
+        return _load_pairs(path, n, offset)
     rows = json.loads(Path(path).read_text())
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a JSON list of records")
@@ -130,6 +133,21 @@ def load_records(
         if not isinstance(rec.prompt, str) or not rec.prompt.strip() or not str(rec.target).strip():
             raise ValueError(f"{path}: record {i} has an empty prompt or target")
         out.append(rec)
+    return out
+
+
+def _load_pairs(path: str | Path, n: int | None, offset: int) -> list[EditRecord]:
+    """``prompt<TAB>target`` lines (ZsRE's MEND train pairs): edits with no rephrase or locality. A
+    line with an empty target (the file has some) is skipped: there is nothing to edit."""
+    out = []
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines[offset : offset + n if n is not None else None], start=offset):
+        prompt, tab, target = line.partition("\t")
+        if not tab or not prompt.strip():
+            raise ValueError(f"{path}: line {i + 1} is not 'prompt<TAB>target'")
+        if not target.strip():
+            continue
+        out.append(EditRecord(prompt.strip(), target.strip(), None, None, None))
     return out
 
 
