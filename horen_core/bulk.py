@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from horen_core.edits import EditStore, Fact, TrainedEdit
+from horen_core.edits import EditResult, EditStore, Fact, TrainedEdit
 from horen_core.errors import InvalidInputError
 from horen_core.gating import GatedRouter
 from horen_core.prompting import resolve_question
 from horen_core.routing import Router
 from horen_core.subjects import resolve_subject
-from horen_core.training import _Context
+from horen_core.training import _Context, question_contexts
 
 if TYPE_CHECKING:
     from horen_core.editor import HorenEditor
@@ -34,7 +34,13 @@ def train_many(editor: HorenEditor, facts: Sequence[Fact | tuple]) -> list[Train
         for f in facts:
             try:
                 question, _ = resolve_question(editor.chat, f.prompt, f.fmt)
-                parsed.append((question, editor._contexts(question, f.target), resolve_subject(question, f.subject)))
+                parsed.append(
+                    (
+                        question,
+                        question_contexts(editor.tokens, editor.chat, editor.config, question, f.target),
+                        resolve_subject(question, f.subject),
+                    )
+                )
             except InvalidInputError as exc:
                 parsed.append(exc)
         valid = [p for p in parsed if not isinstance(p, InvalidInputError)]
@@ -95,6 +101,24 @@ def train_many(editor: HorenEditor, facts: Sequence[Fact | tuple]) -> list[Train
                 gate=gate.detach().cpu() if gate is not None else None,
             )
         )
+    return out
+
+
+def edit_many(editor: HorenEditor, facts: Sequence[Fact | tuple], batch: int) -> list[EditResult | InvalidInputError]:
+    """See ``HorenEditor.edit_many``."""
+    if batch < 1:
+        raise InvalidInputError("batch must be at least 1")
+    facts = list(facts)
+    out: list[EditResult | InvalidInputError] = []
+    while len(out) < len(facts):
+        with editor.lock:
+            for trained in train_many(editor, facts[len(out) : len(out) + batch]):
+                if isinstance(trained, InvalidInputError):
+                    out.append(trained)
+                    continue
+                edit_id = editor._next_edit_id()
+                change = editor.apply(edit_id, trained)
+                out.append(EditResult(**{**vars(trained), "entry_id": change.entry_id}, edit_id=edit_id))
     return out
 
 

@@ -16,7 +16,6 @@ import time
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from horen_core import bulk
@@ -24,16 +23,15 @@ from horen_core.codebook import Codebook, CodebookChange
 from horen_core.config import HorenConfig
 from horen_core.edits import EditResult, EditStore, Fact, TrainedEdit
 from horen_core.errors import InvalidInputError
-from horen_core.gate import RelationGate, span_features
+from horen_core.gate import RelationGate
 from horen_core.gating import GatedRouter
-from horen_core.generation import Decoder, Generation, RowStream, pad_left, positions, unedited
+from horen_core.generation import Decoder, Generation, RowStream, unedited
 from horen_core.layer import HorenLayer
 from horen_core.modeling import ModelAdapter, model_fingerprint, module_dims
-from horen_core.prompting import ChatFormat, Rendered, resolve_question
+from horen_core.prompting import ChatFormat, Tokens, resolve_question
 from horen_core.retrieval import HopfieldRetriever
 from horen_core.routing import CandidateIndex, Router
-from horen_core.subjects import resolve_subject
-from horen_core.training import ValueTrainer, _Context
+from horen_core.training import ValueTrainer, question_contexts
 
 __all__ = ["EditResult", "Fact", "Generation", "HorenEditor", "RowStream", "TrainedEdit"]
 
@@ -49,35 +47,26 @@ class HorenEditor:
         for param in model.parameters():
             param.requires_grad_(False)
         self.adapter = ModelAdapter.for_model(model, self.config.layer, self.config.module_template)
-        parent_path, _, child = self.adapter.module_path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        base = getattr(parent, child)
-        if isinstance(base, HorenLayer):
-            raise InvalidInputError(f"{self.adapter.module_path} is already wrapped by another editor")
-        key_dim, value_dim = module_dims(base)
-        self.layer = HorenLayer(base)
-        setattr(parent, child, self.layer)
-        weight = next(base.parameters())
+        try:
+            self.layer = HorenLayer.wrap(model, self.adapter.module_path)
+        except ValueError as exc:
+            raise InvalidInputError(str(exc)) from None
+        key_dim, value_dim = module_dims(self.layer.base_layer)
+        weight = next(self.layer.base_layer.parameters())
         # the codebook lives with the edited layer; inputs go to the embedding's device (they differ
         # when a device map spreads the model over several GPUs)
         self.device, self.model_dtype = weight.device, weight.dtype
         self.input_device = model.get_input_embeddings().weight.device
         self.multi_device = len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1
         self.codebook = Codebook(key_dim, value_dim, device=self.device)
-        retriever = HopfieldRetriever(
-            self.config.hopfield_alpha,
-            self.config.hopfield_beta,
-            self.config.hopfield_steps,
-            min(self.config.threshold, self.config.subject_threshold),
-            support=self.config.hopfield_support,
-        )
         # every codebook change goes to the router, which keeps an attached candidate index current
-        self.router = Router(self.codebook, retriever)
+        self.router = Router(self.codebook, HopfieldRetriever.from_config(self.config))
         self.store = EditStore(self.codebook, self.router, self.device)  # the live edits' subjects and vectors
         self.fingerprint = model_fingerprint(model)
         self.max_context = int(
             getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
         )
+        self.tokens = Tokens(tokenizer, self.max_context)
         self.chat = ChatFormat(tokenizer)
         self.lock = threading.RLock()
         self.routing = GatedRouter(
@@ -88,15 +77,8 @@ class HorenEditor:
         self.trainer = ValueTrainer(
             model, self.layer, self.adapter, self.config, value_dim, self.device, self.input_device, self.multi_device
         )
-        self.decoder = Decoder(
-            model,
-            tokenizer,
-            self.codebook,
-            self.routing.question_plan,
-            self.encode_prompt,
-            self.lock,
-            self.input_device,
-        )
+        plan = self.routing.question_plan
+        self.decoder = Decoder(model, tokenizer, self.codebook, plan, self.encode_prompt, self.lock, self.input_device)
 
     # ---- identity ---------------------------------------------------------------------------
     @property
@@ -124,33 +106,19 @@ class HorenEditor:
         """The relation gate of edits made from now on (``set_gate``)."""
         return self.routing.gate
 
-    # ---- tokens -----------------------------------------------------------------------------
+    # ---- tokens ---------------------------------------------------------------------------
     def encode_prompt(self, prompt: str, reserve: int = 0) -> list[int]:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InvalidInputError("prompt must be a non-empty string")
-        ids = list(self.tokenizer(prompt)["input_ids"])
-        self.check_length(ids, reserve)
-        return ids
+        """A prompt's ids; ``InvalidInputError`` unless it fits the context with ``reserve`` more."""
+        return self.tokens.prompt(prompt, reserve)
 
-    def check_length(self, ids: Sequence[int], reserve: int = 0) -> None:
-        if len(ids) + reserve > self.max_context:
-            raise InvalidInputError(
-                f"prompt is {len(ids)} tokens; with {reserve} more it exceeds the model's context of {self.max_context}"
-            )
+    def encode_target(self, target: str) -> list[int]:
+        """A target's ids as it continues a prompt."""
+        return self.tokens.target(target)
 
     def check_edit(self, prompt: str, target: str, fmt: str = "auto") -> None:
         """Raise ``InvalidInputError`` for an edit that ``train`` would refuse, without training it."""
         question, _ = resolve_question(self.chat, prompt, fmt)
-        self._contexts(question, target)
-
-    def encode_target(self, target: str) -> list[int]:
-        if not isinstance(target, str) or not target.strip():
-            raise InvalidInputError("target must be a non-empty string")
-        text = target if target[0].isspace() else " " + target
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise InvalidInputError("target has no tokens")
-        return list(ids)
+        question_contexts(self.tokens, self.chat, self.config, question, target)
 
     # ---- routing ----------------------------------------------------------------------------
     def set_gate(self, gate: RelationGate | None) -> None:
@@ -165,26 +133,6 @@ class HorenEditor:
         key) from now on; it indexes the codebook first and then gets every change."""
         with self.lock:
             self.router.attach(index)
-
-    @torch.no_grad()
-    def relation_features(self, questions: Sequence[str], subjects: Sequence[str], chat: bool = False) -> torch.Tensor:
-        """[B, 2 dk] the relation gate's input features of each question (plain, or as the user's
-        message in the chat template) with its subject: what ``horen_core.gate.fit`` learns from."""
-        rendered = [
-            self.chat.render(q) if chat else Rendered(ids, 0, len(ids))
-            for q in questions
-            for ids in [self.encode_prompt(q)]
-        ]
-        ids, mask = pad_left([r.ids for r in rendered], self.tokenizer.pad_token_id, self.input_device)
-        with self.lock:
-            captured = self.trainer.layer_input(ids, mask, positions(mask))
-        width = ids.shape[1]
-        out = []
-        for i, (r, subject) in enumerate(zip(rendered, subjects)):
-            off = width - len(r.ids)
-            span = r.ids[r.start : r.end]
-            out.append(span_features(captured[i, off + r.start : off + r.end], span, subject, self.tokenizer))
-        return torch.stack(out).cpu()
 
     def generate(
         self,
@@ -227,35 +175,10 @@ class HorenEditor:
         ``subject`` is the name a prompt must mention to be routed to this edit (``horen_core.subjects``);
         None infers it from the question, "" applies the edit wherever its key routes.
         """
-        t0 = time.perf_counter()
-        question, _ = resolve_question(self.chat, prompt, fmt)
-        contexts = self._contexts(question, target)
-        subject = resolve_subject(question, subject)
-        target_ids = contexts[0].target
-        with self.lock:
-            for ctx in contexts:
-                self.trainer.prepare(ctx)
-            query = F.normalize(torch.stack([c.query for c in contexts]).mean(0), dim=-1)
-            gate = self.routing.edit_relation(contexts, subject)
-            # an entry with the same answer is retrained whatever its relation: it then answers both
-            _, entry_ids, _ = self.routing.route(query[None], [question])
-            reuse = entry_ids[0]
-            if reuse is not None and self.codebook.entry(reuse).answer != tuple(target_ids):
-                reuse = None  # a conflicting edit gets its own key
-            init = self.codebook.values[self.codebook.row_of(reuse)].clone() if reuse is not None else None
-            value, steps, loss = self.trainer.train_value(contexts, init)
-        return TrainedEdit(
-            entry_id=reuse,
-            created=reuse is None,
-            steps=steps,
-            loss=loss,
-            seconds=time.perf_counter() - t0,
-            key=query.detach().cpu(),
-            value=value.detach().cpu(),
-            answer=tuple(target_ids),
-            subject=subject,
-            gate=gate.detach().cpu() if gate is not None else None,
-        )
+        (trained,) = bulk.train_many(self, [Fact(prompt, target, fmt, subject)])
+        if isinstance(trained, InvalidInputError):
+            raise trained
+        return trained
 
     def apply(self, edit_id: int, trained: TrainedEdit, entry_id: int | None = None) -> CodebookChange:
         """Put ``trained`` in the codebook as edit ``edit_id``: in ``entry_id`` when the caller
@@ -316,33 +239,7 @@ class HorenEditor:
         """``edit`` of each fact in order, under the next free edit ids: ``train_many`` of up to
         ``batch`` facts at a time, each result applied before the next call (its contract). A fact
         ``train`` would refuse gets its ``InvalidInputError`` in its slot."""
-        if batch < 1:
-            raise InvalidInputError("batch must be at least 1")
-        facts = list(facts)
-        out: list[EditResult | InvalidInputError] = []
-        while len(out) < len(facts):
-            with self.lock:
-                for trained in self.train_many(facts[len(out) : len(out) + batch]):
-                    if isinstance(trained, InvalidInputError):
-                        out.append(trained)
-                        continue
-                    edit_id = self._next_edit_id()
-                    change = self.apply(edit_id, trained)
-                    out.append(EditResult(**{**vars(trained), "entry_id": change.entry_id}, edit_id=edit_id))
-        return out
-
-    def _contexts(self, question: str, target: str) -> list[_Context]:
-        """The question in each format it is trained in: plain first (its target tokens are the
-        entry's answer), then the chat template when there is one."""
-        target_ids = self.encode_target(target)
-        plain = self.encode_prompt(question, reserve=len(target_ids))
-        out = [_Context(Rendered(plain, 0, len(plain)), target_ids)]
-        if self.chat.available and self.config.chat_context and not self.config.reference_procedure:
-            reply = self.tokenizer(target.strip(), add_special_tokens=False)["input_ids"]
-            rendered = self.chat.render(question)
-            if reply and len(rendered.ids) + len(reply) <= self.max_context:
-                out.append(_Context(rendered, list(reply)))
-        return out
+        return bulk.edit_many(self, facts, batch)
 
     # ---- rollback & state -------------------------------------------------------------------
     def rollback(self, edit_id: int) -> CodebookChange:
@@ -388,6 +285,4 @@ class HorenEditor:
 
     def unwrap(self) -> None:
         """Put the original module back."""
-        parent_path, _, child = self.adapter.module_path.rpartition(".")
-        parent = self.model.get_submodule(parent_path) if parent_path else self.model
-        setattr(parent, child, self.layer.base_layer)
+        self.layer.unwrap(self.model, self.adapter.module_path)

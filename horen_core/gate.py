@@ -20,11 +20,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from horen_core.errors import CorruptStateError
+
+if TYPE_CHECKING:
+    from horen_core.editor import HorenEditor
 
 GATES_DIR = Path(__file__).parent / "gates"
 
@@ -135,3 +139,27 @@ def fit(
         loss.backward()
         opt.step()
     return weight.detach(), mean
+
+
+@torch.no_grad()
+def relation_features(editor: HorenEditor, questions: Sequence[str], subjects: Sequence[str], chat: bool = False):
+    """[B, 2 dk] the gate's input features of each question (plain, or as the user's message in the
+    chat template) with its subject, on ``editor``'s model: what ``fit`` learns from."""
+    from horen_core.generation import pad_left, positions
+    from horen_core.prompting import Rendered
+
+    rendered = [
+        editor.chat.render(q) if chat else Rendered(ids, 0, len(ids))
+        for q in questions
+        for ids in [editor.encode_prompt(q)]
+    ]
+    ids, mask = pad_left([r.ids for r in rendered], editor.tokenizer.pad_token_id, editor.input_device)
+    with editor.lock:
+        captured = editor.trainer.layer_input(ids, mask, positions(mask))
+    width = ids.shape[1]
+    out = []
+    for i, (r, subject) in enumerate(zip(rendered, subjects)):
+        off = width - len(r.ids)
+        span = r.ids[r.start : r.end]
+        out.append(span_features(captured[i, off + r.start : off + r.end], span, subject, editor.tokenizer))
+    return torch.stack(out).cpu()

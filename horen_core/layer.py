@@ -130,9 +130,31 @@ class HorenLayer(nn.Module):
         self.base_layer = base_layer
         self.disabled = False
 
+    @classmethod
+    def wrap(cls, model: nn.Module, module_path: str) -> HorenLayer:
+        """Put a wrapper in place of ``model``'s module at ``module_path``; ``ValueError`` when that
+        module is wrapped already (one editor per module)."""
+        parent, child = _parent(model, module_path)
+        base = getattr(parent, child)
+        if isinstance(base, HorenLayer):
+            raise ValueError(f"{module_path} is already wrapped by another editor")
+        layer = cls(base)
+        setattr(parent, child, layer)
+        return layer
+
+    def unwrap(self, model: nn.Module, module_path: str) -> None:
+        """Put the original module back in ``model``."""
+        parent, child = _parent(model, module_path)
+        setattr(parent, child, self.base_layer)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         plan = _ACTIVE_PLAN.get()
         if plan is None or self.disabled or plan.layer is not self:
             return out
         return plan.apply(x, out)
+
+
+def _parent(model: nn.Module, module_path: str) -> tuple[nn.Module, str]:
+    parent_path, _, child = module_path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), child

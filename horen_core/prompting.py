@@ -133,3 +133,33 @@ def resolve_question(chat: ChatFormat, prompt: str, fmt: str) -> tuple[str, str]
         if inner is not None:
             return inner, "chat"
     return prompt, "chat" if fmt == "chat" else "plain"
+
+
+class Tokens:
+    """Text to token ids as the editor takes it: a prompt must fit the model's context with room
+    for what follows it; a target is encoded as it continues a prompt (with a leading space)."""
+
+    def __init__(self, tokenizer, max_context: int) -> None:
+        self.tokenizer, self.max_context = tokenizer, max_context
+
+    def prompt(self, prompt: str, reserve: int = 0) -> list[int]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidInputError("prompt must be a non-empty string")
+        ids = list(self.tokenizer(prompt)["input_ids"])
+        self.check_length(ids, reserve)
+        return ids
+
+    def check_length(self, ids: Sequence[int], reserve: int = 0) -> None:
+        if len(ids) + reserve > self.max_context:
+            raise InvalidInputError(
+                f"prompt is {len(ids)} tokens; with {reserve} more it exceeds the model's context of {self.max_context}"
+            )
+
+    def target(self, target: str) -> list[int]:
+        if not isinstance(target, str) or not target.strip():
+            raise InvalidInputError("target must be a non-empty string")
+        text = target if target[0].isspace() else " " + target
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise InvalidInputError("target has no tokens")
+        return list(ids)

@@ -41,6 +41,12 @@ class HopfieldRetriever:
         self.threshold = threshold
         self.support = support  # nearest keys a query attends and is routed among; 0 = all
 
+    @classmethod
+    def from_config(cls, config) -> HopfieldRetriever:
+        """The retriever of a ``HorenConfig``: its floor is the lower of the two routing thresholds."""
+        floor = min(config.threshold, config.subject_threshold)
+        return cls(config.hopfield_alpha, config.hopfield_beta, config.hopfield_steps, floor, config.hopfield_support)
+
     def refine(self, queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """queries [B, d] (unit); keys [N, d] shared or [B, k, d] per query; valid [B, k] masks padding."""
         q = queries

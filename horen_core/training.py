@@ -16,7 +16,7 @@ from torch import nn
 from horen_core.config import HorenConfig
 from horen_core.layer import HorenLayer, InjectPlan, activate, compute_queries
 from horen_core.modeling import ModelAdapter
-from horen_core.prompting import Rendered
+from horen_core.prompting import ChatFormat, Rendered, Tokens
 
 
 @dataclass
@@ -29,6 +29,22 @@ class _Context:
     hidden: torch.Tensor | None = None
     query: torch.Tensor | None = None
     span_x: torch.Tensor | None = None  # the layer input over the question's span [n, dk]
+
+
+def question_contexts(
+    tokens: Tokens, chat: ChatFormat, config: HorenConfig, question: str, target: str
+) -> list[_Context]:
+    """The question in each format an edit is trained in: plain first (its target tokens are the
+    entry's answer), then the chat template when the tokenizer has one and the reply fits."""
+    target_ids = tokens.target(target)
+    plain = tokens.prompt(question, reserve=len(target_ids))
+    out = [_Context(Rendered(plain, 0, len(plain)), target_ids)]
+    if chat.available and config.chat_context and not config.reference_procedure:
+        reply = tokens.tokenizer(target.strip(), add_special_tokens=False)["input_ids"]
+        rendered = chat.render(question)
+        if reply and len(rendered.ids) + len(reply) <= tokens.max_context:
+            out.append(_Context(rendered, list(reply)))
+    return out
 
 
 class _StopForward(Exception):

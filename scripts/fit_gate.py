@@ -22,7 +22,7 @@ import torch
 
 from horen_core import HorenConfig
 from horen_core.editor import HorenEditor
-from horen_core.gate import GATES_DIR, RelationGate, fit
+from horen_core.gate import GATES_DIR, RelationGate, fit, relation_features
 from horen_core.modeling import load_model
 from horen_core.subjects import resolve_subject
 
@@ -129,7 +129,7 @@ def features(editor: HorenEditor, pairs: Pairs, cache: dict, batch: int = 64) ->
         for chat in (False, True):
             part = [k for k in chunk if k[2] == chat]
             if part:
-                got = editor.relation_features([k[0] for k in part], [k[1] for k in part], chat=chat)
+                got = relation_features(editor, [k[0] for k in part], [k[1] for k in part], chat=chat)
                 cache.update(zip(part, got))
         print(f"features {min(start + batch, len(todo))}/{len(todo)}", end="\r", flush=True)
     print()

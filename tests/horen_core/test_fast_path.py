@@ -11,6 +11,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from horen_core import HorenConfig
 from horen_core.layer import InjectPlan, activate
+from horen_core.training import question_contexts
 
 PROMPT = "who wrote the capital of France is"
 TARGET = "Alice Bob Carol"
@@ -139,7 +140,9 @@ def test_batched_contexts_equal_separate_passes(tiny_model, make_editor):
     tok = copy.deepcopy(tok)
     tok.chat_template = CHATML
     editor = make_editor(model, tok, HorenConfig(layer=1))
-    contexts = editor._contexts("who wrote the capital of France is", "Alice Bob")
+    contexts = question_contexts(
+        editor.tokens, editor.chat, editor.config, "who wrote the capital of France is", "Alice Bob"
+    )
     assert len(contexts) == 2 and len(contexts[0].rendered.ids) != len(contexts[1].rendered.ids)
     for c in contexts:
         editor.trainer.prepare(c)

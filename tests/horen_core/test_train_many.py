@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from horen_core import Fact, HorenConfig, InvalidInputError, TrainedEdit
 from horen_core.codebook import Codebook
-from horen_core.training import _Packed
+from horen_core.training import _Packed, question_contexts
 from tests.horen_core.test_prompting import CHATML
 
 # a tiny model whose values steer it within a few steps, so edits stop early at different steps
@@ -180,7 +180,7 @@ def test_the_packed_pass_gives_each_edit_its_own_logits_and_gradient(tiny_model,
     tok.chat_template = CHATML
     editor = make_editor(model, tok, HorenConfig(layer=1))
     edits = [
-        editor._contexts(q, t)
+        question_contexts(editor.tokens, editor.chat, editor.config, q, t)
         for q, t in [
             ("who wrote the capital of France is", "Alice Bob"),
             ("which river", "Nile"),
