@@ -235,7 +235,7 @@ def test_capacity_grows_past_a_chunk_and_keeps_rows(cb):
     assert torch.allclose(cb.keys, F.normalize(keys, dim=-1))
     assert torch.equal(cb.values, values)
     # no shadow copies: memory is the two matrices at capacity
-    cap = cb._keys.shape[0]
+    cap = cb._rows.key_buf.shape[0]
     assert n <= cap < n + 1024
     assert cb.nbytes() == cap * (DK + DV) * 4
 
@@ -243,15 +243,15 @@ def test_capacity_grows_past_a_chunk_and_keeps_rows(cb):
 def test_reserve_makes_room_once_for_a_replay(cb):
     n = 3000
     cb.reserve(n)
-    storage = cb._keys.data_ptr(), cb._values.data_ptr()
+    storage = cb._rows.key_buf.data_ptr(), cb._rows.value_buf.data_ptr()
     keys = torch.randn(n, DK, generator=torch.Generator().manual_seed(0))
     for start in range(0, n, 700):  # a replay in chunks
         ids = list(range(start + 1, min(start + 700, n) + 1))
         cb.add_many(ids, keys[start : start + 700], torch.zeros(len(ids), DV), [[1]] * len(ids), ids)
-    assert (cb._keys.data_ptr(), cb._values.data_ptr()) == storage  # never copied
+    assert (cb._rows.key_buf.data_ptr(), cb._rows.value_buf.data_ptr()) == storage  # never copied
     assert len(cb) == n and torch.allclose(cb.keys, F.normalize(keys, dim=-1))
     cb.reserve(10)  # less than there is: nothing changes
-    assert cb._keys.data_ptr() == storage[0]
+    assert cb._rows.key_buf.data_ptr() == storage[0]
 
 
 def build_history(cb: Codebook) -> None:

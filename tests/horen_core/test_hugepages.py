@@ -56,5 +56,5 @@ def test_small_and_device_tensors_are_left_alone():
 def test_a_large_codebook_keeps_its_keys_on_huge_pages():
     cb = Codebook(4096, 8)
     cb.reserve(4096)  # 64 MB of keys, advised before their first write
-    assert huge_bytes(cb._keys) >= 32 << 20
-    assert float(cb._keys.abs().sum()) == 0.0
+    assert huge_bytes(cb._rows.key_buf) >= 32 << 20
+    assert float(cb._rows.key_buf.abs().sum()) == 0.0
