@@ -52,8 +52,8 @@ class _StopForward(Exception):
 
 
 class ValueTrainer:
-    """Trains values for the edited layer of ``model``; holds the once-per-model checks of the fast
-    path. Callers hold the editor's lock."""
+    """Trains values for the edited layer of ``model``: runs the layers below once per edit, then
+    steps each value through ``ValueForwards``. Callers hold the editor's lock."""
 
     def __init__(
         self,
@@ -70,8 +70,7 @@ class ValueTrainer:
         self.value_dim = value_dim
         self.device, self.input_device, self.multi_device = device, input_device, multi_device
         self.model_dtype = next(layer.base_layer.parameters()).dtype
-        self._prefix_cache_ok: bool | None = None  # checked on the first fast-path edit
-        self._batched_ok: bool | None = None  # checked on the first edit with several contexts
+        self.forwards = ValueForwards(model, layer, adapter, value_dim, device, input_device, self.model_dtype)
 
     @torch.no_grad()
     def layer_input(self, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -168,7 +167,7 @@ class ValueTrainer:
         value.requires_grad_(True)
         opt = torch.optim.Adam([value], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
         steps, loss_value = 0, float("nan")
-        forward = self.contexts_forward(contexts)
+        forward = self.forwards.contexts(contexts)
         targets = [torch.tensor(c.target, device=self.device) for c in contexts]
         for step in range(cfg.max_steps + 1):
             losses, solved = [], True
@@ -200,17 +199,17 @@ class ValueTrainer:
         loss are kept and its rows leave the batch, the others go on. Where the batched fast path is
         unavailable (the reference procedure, a model without the prefix cache, a device map) or
         disagrees with separate passes (checked once), each edit is trained by ``train_value``."""
-        if len(edits) < 2 or not self._values_batchable(edits):
+        if len(edits) < 2 or not self.forwards.batchable(edits, self.config):
             return [self.train_value(contexts, init) for contexts, init in edits]
         cfg = self.config
         dv = self.value_dim
         out: list[tuple[torch.Tensor, int, float] | None] = [None] * len(edits)
-        caches = {id(c): self._prefix_of(c) for contexts, _ in edits for c in contexts}
+        caches = {id(c): self.forwards.prefix(c) for contexts, _ in edits for c in contexts}
         active = list(range(len(edits)))  # the edits still training, by position in ``edits``
         inits = [init.clone() if init is not None else torch.zeros(dv, device=self.device) for _, init in edits]
         value = torch.stack(inits).float().requires_grad_(True)
         opt = torch.optim.Adam([value], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
-        packed = _Packed(self, [edits[k][0] for k in active], caches)
+        packed = _Packed(self.forwards, [edits[k][0] for k in active], caches)
         for step in range(cfg.max_steps + 1):
             losses, solved = packed.losses(value)
             stats = torch.stack([losses.detach(), solved.float()]).cpu().tolist()
@@ -240,39 +239,110 @@ class ValueTrainer:
                         for k, v in state.items()
                     }
                 value, active = kept, [active[a] for a in keep]
-                packed = _Packed(self, [edits[k][0] for k in active], caches)
+                packed = _Packed(self.forwards, [edits[k][0] for k in active], caches)
             opt.step()
         del opt, packed
         return [r for r in out if r is not None]
 
-    def _prefix_of(self, ctx: _Context):
+
+class _Packed:
+    """Every context of several edits as the rows of one padded pass over the layers above (each
+    row's prefix from the cache, its suffix right-padded), built once per set of edits: values
+    [K, dv] -> the logits at every context's target positions, packed, and each edit's loss."""
+
+    def __init__(self, forwards: ValueForwards, edits: list[list[_Context]], caches: dict[int, object]) -> None:
+        self.forwards = forwards
+        adapter, device, dtype = forwards.adapter, forwards.device, forwards.model_dtype
+        self.contexts = [c for cs in edits for c in cs]
+        owner = [k for k, cs in enumerate(edits) for _ in cs]
+        starts = [c.rendered.end - 1 for c in self.contexts]
+        suffixes = [c.hidden[0, p:] for c, p in zip(self.contexts, starts)]
+        self.batch = adapter.suffix_batch([caches[id(c)] for c in self.contexts], starts, [len(x) for x in suffixes])
+        width = max(len(x) for x in suffixes)
+        self.base = suffixes[0].new_zeros(len(suffixes), width, suffixes[0].shape[-1])
+        for i, x in enumerate(suffixes):
+            self.base[i, : len(x)] = x
+        self.onehot = torch.zeros(len(suffixes), width, 1, device=device, dtype=dtype)
+        self.onehot[:, 0] = 1  # each value goes in at its row's first suffix position
+        rows, cols = [], []
+        for i, (c, p) in enumerate(zip(self.contexts, starts)):
+            first = len(c.rendered.ids) - 1 - p
+            rows += [i] * len(c.target)
+            cols += range(first, first + len(c.target))
+        self.rows = torch.tensor(rows, device=device)  # each target token's context (its row)
+        self.cols = torch.tensor(cols, device=device)
+        self.owner = torch.tensor(owner, device=device)
+        self.targets = torch.tensor([t for c in self.contexts for t in c.target], device=device)
+        self.ctx_len = torch.tensor([len(c.target) for c in self.contexts], device=device, dtype=torch.float32)
+        self.n_ctx = torch.bincount(self.owner, minlength=len(edits)).to(torch.float32)
+        self.n_edits = len(edits)
+
+    def logits(self, values: torch.Tensor) -> torch.Tensor:
+        """[sum of target lengths, vocab]: each context's logits at its target positions, in order."""
+        h = self.base + self.onehot * values.to(self.base.dtype).index_select(0, self.owner)[:, None, :]
+        return self.forwards.adapter.upper_logits_padded(h, self.batch, self.rows, self.cols)
+
+    def losses(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each edit's mean over its contexts of the target's cross-entropy [K], and whether greedy
+        decoding gives the target in every context of it [K] (bool)."""
+        logits = self.logits(values).float()
+        token_loss = F.cross_entropy(logits, self.targets, reduction="none")
+        wrong = (logits.argmax(-1) != self.targets).float()
+        n_ctx = len(self.contexts)
+        ctx_loss = torch.zeros(n_ctx, device=logits.device).index_add_(0, self.rows, token_loss) / self.ctx_len
+        ctx_wrong = torch.zeros(n_ctx, device=logits.device).index_add_(0, self.rows, wrong)
+        edit_loss = torch.zeros(self.n_edits, device=logits.device).index_add_(0, self.owner, ctx_loss) / self.n_ctx
+        edit_wrong = torch.zeros(self.n_edits, device=logits.device).index_add_(0, self.owner, ctx_wrong)
+        return edit_loss, edit_wrong == 0
+
+
+class ValueForwards:
+    """A value to the logits at an edit's target positions, by the cheapest exact route: the layers
+    above the edit on cached hidden states (prefix cache, several contexts in one padded pass) where
+    the model allows, else the full model; holds the once-per-model checks of those routes."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: HorenLayer,
+        adapter: ModelAdapter,
+        value_dim: int,
+        device: torch.device,
+        input_device: torch.device,
+        model_dtype: torch.dtype,
+    ) -> None:
+        self.model, self.layer, self.adapter, self.value_dim = model, layer, adapter, value_dim
+        self.device, self.input_device, self.model_dtype = device, input_device, model_dtype
+        self._prefix_cache_ok: bool | None = None  # checked on the first fast-path edit
+        self._batched_ok: bool | None = None  # checked on the first edit with several contexts
+
+    def prefix(self, ctx: _Context):
+        """The prefix cache of a context's hidden states up to its question's last token."""
         p = ctx.rendered.end - 1
         return self.adapter.prefix_cache(ctx.hidden[:, :p])
 
-    def _values_batchable(self, edits: Sequence[tuple[list[_Context], torch.Tensor | None]]) -> bool:
-        """Whether ``train_values`` may batch these edits: every context has the fast path's hidden
+    def batchable(self, edits: Sequence[tuple[list[_Context], torch.Tensor | None]], config: HorenConfig) -> bool:
+        """Whether ``ValueTrainer.train_values`` may batch these edits: every context has the fast path's hidden
         state and a prefix, the prefix cache works on this model and batching matches separate
         passes (both checked on first use)."""
         contexts = [c for cs, _ in edits for c in cs]
-        if self.config.reference_procedure or not contexts:
+        if config.reference_procedure or not contexts:
             return False
         if any(c.hidden is None or c.rendered.end - 1 <= 0 for c in contexts):
             return False
         if self._prefix_cache_ok is None:  # step_forward checks it on its first call
             c = contexts[0]
-            self.step_forward(c.ids, c.rendered.end - 1, len(c.rendered.ids) - 1, len(c.target), c.hidden)
+            self.step(c.ids, c.rendered.end - 1, len(c.rendered.ids) - 1, len(c.target), c.hidden)
         if not self._prefix_cache_ok or self._batched_ok is False:
             return False
         if self._batched_ok is None:  # verify once that batching changes nothing
-            caches = {id(c): self._prefix_of(c) for c in contexts}
+            caches = {id(c): self.prefix(c) for c in contexts}
             packed = _Packed(self, [cs for cs, _ in edits], caches)
             with torch.no_grad():
                 probe = torch.randn(len(edits), self.value_dim, device=self.device) * 10
                 got = packed.logits(probe).split([len(c.target) for c in packed.contexts])
                 ref = [
-                    self.step_forward(c.ids, c.rendered.end - 1, len(c.rendered.ids) - 1, len(c.target), c.hidden)(
-                        probe[k]
-                    )
+                    self.step(c.ids, c.rendered.end - 1, len(c.rendered.ids) - 1, len(c.target), c.hidden)(probe[k])
                     for c, k in zip(packed.contexts, packed.owner.tolist())
                 ]
             tol = 1e-3 if self.model_dtype == torch.float32 else 5e-2
@@ -281,7 +351,7 @@ class ValueTrainer:
             )
         return bool(self._batched_ok)
 
-    def contexts_forward(self, contexts: list[_Context]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    def contexts(self, contexts: list[_Context]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
         """value -> each context's logits at its target positions: one batched pass over the layers
         above when every context can use the prefix cache (checked once against separate passes),
         else one pass per context."""
@@ -293,14 +363,14 @@ class ValueTrainer:
             and self._batched_ok is not False
         )
         if batchable and self._batched_ok:
-            return self.batched_forward(contexts, spans)
-        singles = [self.step_forward(c.ids, p, first, m, c.hidden) for c, (p, first, m) in zip(contexts, spans)]
+            return self.batched(contexts, spans)
+        singles = [self.step(c.ids, p, first, m, c.hidden) for c, (p, first, m) in zip(contexts, spans)]
 
         def each(value: torch.Tensor) -> list[torch.Tensor]:
             return [f(value) for f in singles]
 
         if batchable and self._prefix_cache_ok:  # verify once that batching changes nothing
-            batched = self.batched_forward(contexts, spans)
+            batched = self.batched(contexts, spans)
             with torch.no_grad():
                 probe = torch.randn(self.value_dim, device=self.device) * 10
                 ref, got = each(probe), batched(probe)
@@ -312,7 +382,7 @@ class ValueTrainer:
                 return batched
         return each
 
-    def batched_forward(
+    def batched(
         self, contexts: list[_Context], spans: list[tuple[int, int, int]]
     ) -> Callable[[torch.Tensor], list[torch.Tensor]]:
         dtype = self.model_dtype
@@ -334,7 +404,7 @@ class ValueTrainer:
 
         return batched
 
-    def step_forward(
+    def step(
         self, seq: list[int], p: int, first: int, count: int, hidden: torch.Tensor | None
     ) -> Callable[[torch.Tensor], torch.Tensor]:
         """value (added at position ``p``) -> logits [count, vocab] at positions first.., by the
@@ -372,7 +442,7 @@ class ValueTrainer:
                     torch.allclose(ref.float(), got.float(), atol=tol * ref.abs().max().item())
                 )
                 if not self._prefix_cache_ok:
-                    return self.step_forward(seq, p, first, count, hidden)
+                    return self.step(seq, p, first, count, hidden)
             return cached
         onehot = torch.zeros(1, s, 1, device=self.device, dtype=dtype)
         onehot[0, p] = 1
@@ -381,54 +451,3 @@ class ValueTrainer:
             return self.adapter.upper_logits(hidden + onehot * value.to(dtype), slice(first, first + count))[0]
 
         return upper
-
-
-class _Packed:
-    """Every context of several edits as the rows of one padded pass over the layers above (each
-    row's prefix from the cache, its suffix right-padded), built once per set of edits: values
-    [K, dv] -> the logits at every context's target positions, packed, and each edit's loss."""
-
-    def __init__(self, trainer: ValueTrainer, edits: list[list[_Context]], caches: dict[int, object]) -> None:
-        self.trainer = trainer
-        adapter, device, dtype = trainer.adapter, trainer.device, trainer.model_dtype
-        self.contexts = [c for cs in edits for c in cs]
-        owner = [k for k, cs in enumerate(edits) for _ in cs]
-        starts = [c.rendered.end - 1 for c in self.contexts]
-        suffixes = [c.hidden[0, p:] for c, p in zip(self.contexts, starts)]
-        self.batch = adapter.suffix_batch([caches[id(c)] for c in self.contexts], starts, [len(x) for x in suffixes])
-        width = max(len(x) for x in suffixes)
-        self.base = suffixes[0].new_zeros(len(suffixes), width, suffixes[0].shape[-1])
-        for i, x in enumerate(suffixes):
-            self.base[i, : len(x)] = x
-        self.onehot = torch.zeros(len(suffixes), width, 1, device=device, dtype=dtype)
-        self.onehot[:, 0] = 1  # each value goes in at its row's first suffix position
-        rows, cols = [], []
-        for i, (c, p) in enumerate(zip(self.contexts, starts)):
-            first = len(c.rendered.ids) - 1 - p
-            rows += [i] * len(c.target)
-            cols += range(first, first + len(c.target))
-        self.rows = torch.tensor(rows, device=device)  # each target token's context (its row)
-        self.cols = torch.tensor(cols, device=device)
-        self.owner = torch.tensor(owner, device=device)
-        self.targets = torch.tensor([t for c in self.contexts for t in c.target], device=device)
-        self.ctx_len = torch.tensor([len(c.target) for c in self.contexts], device=device, dtype=torch.float32)
-        self.n_ctx = torch.bincount(self.owner, minlength=len(edits)).to(torch.float32)
-        self.n_edits = len(edits)
-
-    def logits(self, values: torch.Tensor) -> torch.Tensor:
-        """[sum of target lengths, vocab]: each context's logits at its target positions, in order."""
-        h = self.base + self.onehot * values.to(self.base.dtype).index_select(0, self.owner)[:, None, :]
-        return self.trainer.adapter.upper_logits_padded(h, self.batch, self.rows, self.cols)
-
-    def losses(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each edit's mean over its contexts of the target's cross-entropy [K], and whether greedy
-        decoding gives the target in every context of it [K] (bool)."""
-        logits = self.logits(values).float()
-        token_loss = F.cross_entropy(logits, self.targets, reduction="none")
-        wrong = (logits.argmax(-1) != self.targets).float()
-        n_ctx = len(self.contexts)
-        ctx_loss = torch.zeros(n_ctx, device=logits.device).index_add_(0, self.rows, token_loss) / self.ctx_len
-        ctx_wrong = torch.zeros(n_ctx, device=logits.device).index_add_(0, self.rows, wrong)
-        edit_loss = torch.zeros(self.n_edits, device=logits.device).index_add_(0, self.owner, ctx_loss) / self.n_ctx
-        edit_wrong = torch.zeros(self.n_edits, device=logits.device).index_add_(0, self.owner, ctx_wrong)
-        return edit_loss, edit_wrong == 0

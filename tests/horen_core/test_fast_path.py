@@ -60,7 +60,7 @@ def test_training_step_forward_and_gradient_equal_full_model(tiny_model, make_ed
     ids, p, target = case(editor)
     m = len(target)
     hidden = editor.trainer.lower_pass(ids)["h"]
-    step = editor.trainer.step_forward(ids[0].tolist(), p, p, m, hidden)
+    step = editor.trainer.forwards.step(ids[0].tolist(), p, p, m, hidden)
     tgt = torch.tensor(target)
     for seed in range(2):
         v_fast = some_value(editor, seed).requires_grad_(True)
@@ -147,8 +147,8 @@ def test_batched_contexts_equal_separate_passes(tiny_model, make_editor):
     for c in contexts:
         editor.trainer.prepare(c)
     spans = [(c.rendered.end - 1, len(c.rendered.ids) - 1, len(c.target)) for c in contexts]
-    batched = editor.trainer.batched_forward(contexts, spans)
-    singles = [editor.trainer.step_forward(c.ids, p, f, m, c.hidden) for c, (p, f, m) in zip(contexts, spans)]
+    batched = editor.trainer.forwards.batched(contexts, spans)
+    singles = [editor.trainer.forwards.step(c.ids, p, f, m, c.hidden) for c, (p, f, m) in zip(contexts, spans)]
     v_b = some_value(editor).requires_grad_(True)
     v_s = some_value(editor).requires_grad_(True)
     got, ref = batched(v_b), [f(v_s) for f in singles]

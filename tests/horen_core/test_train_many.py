@@ -174,7 +174,7 @@ def test_a_bad_fact_gets_its_error_in_its_slot_and_the_others_are_trained(pair, 
 def test_the_packed_pass_gives_each_edit_its_own_logits_and_gradient(tiny_model, make_editor):
     """Several edits, each with a plain and a chat context, in one padded pass with one value per
     edit: each context's logits, each edit's loss and each value's gradient equal the edit's own
-    batched pass (``contexts_forward``), which the fast-path tests check against the full model."""
+    batched pass (``ValueForwards.contexts``), which the fast-path tests check against the full model."""
     model, tok = tiny_model
     tok = copy.deepcopy(tok)
     tok.chat_template = CHATML
@@ -189,7 +189,7 @@ def test_the_packed_pass_gives_each_edit_its_own_logits_and_gradient(tiny_model,
     ]
     assert all(len(cs) == 2 for cs in edits)
     editor.trainer.prepare_many([c for cs in edits for c in cs])
-    caches = {id(c): editor.trainer._prefix_of(c) for cs in edits for c in cs}
+    caches = {id(c): editor.trainer.forwards.prefix(c) for cs in edits for c in cs}
     packed = _Packed(editor.trainer, edits, caches)
     torch.manual_seed(1)
     values = (torch.randn(len(edits), editor.codebook.value_dim) * 3).requires_grad_(True)
@@ -199,7 +199,7 @@ def test_the_packed_pass_gives_each_edit_its_own_logits_and_gradient(tiny_model,
     i = 0
     for k, contexts in enumerate(edits):
         v = values.detach()[k].clone().requires_grad_(True)
-        own = editor.trainer.contexts_forward(contexts)(v)
+        own = editor.trainer.forwards.contexts(contexts)(v)
         loss = torch.stack([F.cross_entropy(o.float(), torch.tensor(c.target)) for o, c in zip(own, contexts)]).mean()
         loss.backward()
         for o in own:
