@@ -17,8 +17,7 @@ it the index stays empty and routing is exact on the GPU.
 It follows the codebook through the changes the router hands it (``apply``), reading keys only
 through the ``KeysView``. Removal leaves a tombstone that searches over-fetch past; past
 ``rebuild_fraction`` of the live entries (at most ``_MAX_DEAD``) the codes are compacted. FAISS
-stores sequential labels; ``_label_entry`` maps each to the stable entry id (never a row, since
-codebook rows move). Not thread-safe: the editor's lock serialises every call.
+stores sequential labels; ``_Labels`` maps each to the stable entry id. Not thread-safe: the editor's lock serialises every call.
 """
 
 from __future__ import annotations
@@ -42,31 +41,51 @@ _GPU_MAX_K = 2048  # FAISS GPU limit on k
 _MAX_DEAD = 256  # tombstones a search over-fetches past at most (CPU); more are compacted away
 
 
-class _Rows:
-    """A numpy vector that grows by appending, amortised O(rows appended) (no copy per edit)."""
+class _Labels:
+    """FAISS's sequential labels and the stable entry ids they stand for (never rows: codebook rows
+    move), with the tombstones of removed entries until a compaction drops them."""
 
-    def __init__(self, dtype: type) -> None:
-        self._buf = np.empty(0, dtype=dtype)
+    def __init__(self) -> None:
+        self._entry = np.empty(0, dtype=np.int64)  # label -> entry id, -1 once removed; grows by appending
         self._n = 0
+        self.of_entry: dict[int, int] = {}  # live entry id -> label
+        self.dead: list[int] = []  # tombstoned labels
 
     @property
-    def view(self) -> np.ndarray:
-        return self._buf[: self._n]
+    def entries(self) -> np.ndarray:
+        """[labels] the entry id of each label, -1 where removed."""
+        return self._entry[: self._n]
 
-    def append(self, rows: np.ndarray) -> None:
-        need = self._n + len(rows)
-        if need > len(self._buf):
-            size = max(need + need // 2, 2 * len(self._buf), 1024)  # headroom after a bulk rebuild too
-            grown = np.empty(size, dtype=self._buf.dtype)
-            grown[: self._n] = self._buf[: self._n]
-            self._buf = grown
-        self._buf[self._n : need] = rows
+    def append(self, entry_ids: np.ndarray) -> None:
+        """Labels for these entries, after the last (amortised: no copy per edit)."""
+        start, need = self._n, self._n + len(entry_ids)
+        if need > len(self._entry):
+            size = max(need + need // 2, 2 * len(self._entry), 1024)  # headroom after a bulk rebuild too
+            grown = np.empty(size, dtype=np.int64)
+            grown[: self._n] = self._entry[: self._n]
+            self._entry = grown
+        self._entry[start:need] = entry_ids
         self._n = need
+        self.of_entry.update(zip(entry_ids.tolist(), range(start, need)))
 
-    def keep(self, rows: np.ndarray) -> None:
-        """Keep only these rows (indices, ascending), in their order."""
-        kept = self._buf[rows]
-        self._buf, self._n = kept, len(kept)
+    def remove(self, entry_ids: Iterable[int]) -> int:
+        """Tombstone these entries' labels (unknown ids are ignored); how many were live."""
+        dropped = 0
+        for e in np.asarray(entry_ids, dtype=np.int64).reshape(-1).tolist():
+            label = self.of_entry.pop(e, None)
+            if label is not None:
+                self._entry[label] = -1
+                self.dead.append(label)
+                dropped += 1
+        return dropped
+
+    def compact(self) -> np.ndarray:
+        """Drop the tombstones, relabelling the survivors in order; their old labels (ascending)."""
+        live = np.nonzero(self.entries >= 0)[0]
+        self._entry, self._n = self._entry[live], len(live)
+        self.of_entry = dict(zip(self._entry.tolist(), range(len(live))))
+        self.dead = []
+        return live
 
 
 class KeyIndex:
@@ -112,13 +131,11 @@ class KeyIndex:
         self._index: faiss.Index | ShardedScan | None = None
         self.projection: Projection | None = None  # None: the index searches the keys themselves
         self._fit_count = 0  # keys the projection was fitted on
-        self._label_entry = _Rows(np.int64)  # FAISS label -> entry id, -1 once removed
-        self._entry_label: dict[int, int] = {}  # live entry id -> FAISS label
-        self._dead: list[int] = []  # tombstoned labels
+        self._labels = _Labels()
 
     # ---- state ----------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._entry_label)
+        return len(self._labels.of_entry)
 
     @property
     def built(self) -> bool:
@@ -139,7 +156,7 @@ class KeyIndex:
         return f"pca{r}-flat"
 
     def tombstones(self) -> int:
-        return len(self._dead)
+        return len(self._labels.dead)
 
     # ---- low-level API (entry ids + keys) --------------------------------------------------
     def rebuild(self, entry_ids: np.ndarray, keys: np.ndarray) -> None:
@@ -156,40 +173,34 @@ class KeyIndex:
         if self._index is None:
             self.rebuild(entry_ids, keys)
             return
-        self.remove(entry_ids[np.fromiter((int(e) in self._entry_label for e in entry_ids), bool, len(entry_ids))])
+        self.remove(entry_ids[np.fromiter((int(e) in self._labels.of_entry for e in entry_ids), bool, len(entry_ids))])
         self._append(entry_ids, keys)
 
     def remove(self, entry_ids: Iterable[int]) -> None:
         """Hide these entries from search (unknown ids are ignored)."""
-        dropped = 0
-        for e in np.asarray(entry_ids, dtype=np.int64).reshape(-1).tolist():
-            label = self._entry_label.pop(e, None)
-            if label is not None:
-                self._label_entry.view[label] = -1
-                self._dead.append(label)
-                dropped += 1
-        if dropped and len(self._dead) > self._max_dead():
+        if self._labels.remove(entry_ids) and len(self._labels.dead) > self._max_dead():
             self._compact()
 
     def search(self, queries: np.ndarray) -> np.ndarray:
         """[B, d] unit queries -> [B, top_k] entry ids, nearest first, -1 where fewer were found."""
         q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(-1, self.dim))
         out = np.full((q.shape[0], self.top_k), -1, dtype=np.int64)
-        if self._index is None or not self._entry_label:
+        dead = len(self._labels.dead)
+        if self._index is None or not len(self):
             return out
         x = self._project(q, queries=True)
-        k = min(self._index.ntotal, self.top_k + len(self._dead))  # over-fetch past the tombstones
+        k = min(self._index.ntotal, self.top_k + dead)  # over-fetch past the tombstones
         if self.on_gpu:
             _, labels = self._index.search(x, min(k, _GPU_MAX_K))
         else:
             with omp_threads(1 if len(x) < PARALLEL_QUERIES else 0):
                 if isinstance(self._index, ShardedScan):
-                    _, labels = self._index.search(x, k, self.scan_k + len(self._dead))
+                    _, labels = self._index.search(x, k, self.scan_k + dead)
                 else:
                     _, labels = self._index.search(x, k)
         found = labels >= 0
-        entries = np.where(found, self._label_entry.view[np.where(found, labels, 0)], -1)
-        if self._dead:  # keep the survivors' order, padding at the end
+        entries = np.where(found, self._labels.entries[np.where(found, labels, 0)], -1)
+        if dead:  # keep the survivors' order, padding at the end
             order = np.argsort(entries < 0, axis=1, kind="stable")
             entries = np.take_along_axis(entries, order, axis=1)
         out[:, : min(self.top_k, entries.shape[1])] = entries[:, : self.top_k]
@@ -285,11 +296,11 @@ class KeyIndex:
             self._index.add(self._project(keys[i : i + ADD_CHUNK]))
         if isinstance(self._index, ShardedScan):
             self._index.advise_huge_pages()
-        self._label_entry.append(entry_ids)
-        self._entry_label.update(zip(entry_ids.tolist(), range(start, start + len(entry_ids))))
+        assert start == len(self._labels.entries)
+        self._labels.append(entry_ids)
 
     def _max_dead(self) -> int:
-        limit = max(int(self.rebuild_fraction * len(self._entry_label)), self.top_k)
+        limit = max(int(self.rebuild_fraction * len(self)), self.top_k)
         return min(limit, _GPU_MAX_K - self.top_k if self.on_gpu else _MAX_DEAD)
 
     def _compact(self) -> None:
@@ -299,8 +310,9 @@ class KeyIndex:
         PQ code gives the same code. (``IndexPQFastScan.remove_ids`` is not used: codes added after
         it were measured wrong for ~2% of keys in FAISS 1.15, its packed blocks keep stale bits.)"""
         assert self._index is not None
-        live = np.nonzero(self._label_entry.view >= 0)[0]
-        log.info("key index: compacting %d entries to drop %d tombstones", len(live), len(self._dead))
+        dead = len(self._labels.dead)
+        live = self._labels.compact()
+        log.info("key index: compacting %d entries to drop %d tombstones", len(live), dead)
         if isinstance(self._index, ShardedScan):
             fresh = self._index.compacted(live)
         else:  # flat (CPU or GPU): keep the survivors' vectors, refill in place
@@ -310,9 +322,6 @@ class KeyIndex:
             for i in range(0, len(live), ADD_CHUNK):
                 fresh.add(np.ascontiguousarray(vectors[i : i + ADD_CHUNK]))
         self._index = fresh
-        self._label_entry.keep(live)
-        self._entry_label = dict(zip(self._label_entry.view.tolist(), range(len(live))))
-        self._dead = []
 
     def _rebuild_from(self, keys: KeysView) -> None:
         log.info("key index: building over %d keys", len(keys))
