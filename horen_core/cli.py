@@ -21,8 +21,10 @@ from horen_core.evaluate import (
     chat_prompt,
     edit_seconds_stats,
     load_records,
+    routes,
     score,
     summarize,
+    summarize_routes,
     summarize_user,
     user_scores,
 )
@@ -118,6 +120,8 @@ def run_eval(args: argparse.Namespace) -> dict:
         if progress
         else (0, [], [], 0, 0)
     )
+    # each record's edit id (None: refused); a state saved without them had ids 1.. in order
+    edit_of = (progress.get("edit_of") or list(range(1, done + 1))) if progress else []
     if progress:
         report["checkpoints"] = progress["checkpoints"]
         print(f"horen eval: resuming after {done} edits from {args.state}", file=sys.stderr)
@@ -127,6 +131,7 @@ def run_eval(args: argparse.Namespace) -> dict:
         while done < stop:
             chunk = records[done : min(stop, done + max(args.batch, 1))]
             for res in _edit(editor, chunk, args):
+                edit_of.append(None if isinstance(res, InvalidInputError) else res.edit_id)
                 if isinstance(res, InvalidInputError):
                     refused += 1
                     continue
@@ -137,14 +142,14 @@ def run_eval(args: argparse.Namespace) -> dict:
             bar.update(len(chunk))
         if stop == len(records):
             break
-        summary, _ = _score(editor, records, stop, baselines, args, user, chat)
+        summary, _ = _score(editor, records, edit_of, stop, baselines, args, user, chat)
         report["checkpoints"][str(stop)] = {"n": stop, **summary, "keys": len(editor.codebook)}
         print(json.dumps({"checkpoint": stop, **summary}), file=sys.stderr)
         if state:
-            state.save(editor, done, seconds, steps, created, refused, report["checkpoints"])
+            state.save(editor, done, seconds, steps, created, refused, edit_of, report["checkpoints"])
     bar.close()
     t0 = time.perf_counter()
-    summary, rows = _score(editor, records, len(records), baselines, args, user, chat)
+    summary, rows = _score(editor, records, edit_of, len(records), baselines, args, user, chat)
     summary = {
         "n": len(records),
         **summary,
@@ -162,7 +167,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     report["records"] = rows
     if state:  # a later run with a larger --n goes on from here
         report["checkpoints"][str(len(records))] = {k: v for k, v in summary.items() if k != "stream"}
-        state.save(editor, done, seconds, steps, created, refused, report["checkpoints"])
+        state.save(editor, done, seconds, steps, created, refused, edit_of, report["checkpoints"])
     Path(args.output).write_text(json.dumps(report, indent=1))
     if args.plot:
         names = ", ".join(Path(d).name for d in args.data)
@@ -200,13 +205,15 @@ def _edit(editor: HorenEditor, chunk: list[EditRecord], args: argparse.Namespace
     return [editor.edit(f.prompt, f.target, subject=f.subject) for f in facts]
 
 
-def _score(editor, records, done, baselines, args, user, chat) -> tuple[dict, list[dict]]:
+def _score(editor, records, edit_of, done, baselines, args, user, chat) -> tuple[dict, list[dict]]:
     """The summary of the records scored after ``done`` edits (``--sample``: a fixed random sample
     of them; ``--user-sample``: the first of those for what a user sees) and their rows."""
     idx = sample(records, done, args.sample, args.seed)
     chosen = [records[i] for i in idx]
     rows = score(editor, chosen, baselines.locality(idx))
-    summary = summarize(rows)
+    for row, extra in zip(rows, routes(editor, chosen, [edit_of[i] for i in idx])):
+        row.update(extra)
+    summary = summarize(rows) | summarize_routes(rows)
     if user:
         uidx = idx[: args.user_sample] if args.user_sample else idx
         base = baselines.user(uidx)
@@ -242,7 +249,7 @@ class _State:
         editor.load(self.folder / "codebook.safetensors")
         return progress
 
-    def save(self, editor, done, seconds, steps, created, refused, checkpoints) -> None:
+    def save(self, editor, done, seconds, steps, created, refused, edit_of, checkpoints) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         editor.save(self.folder / "codebook.tmp")
         (self.folder / "codebook.tmp").replace(self.folder / "codebook.safetensors")
@@ -253,6 +260,7 @@ class _State:
             "steps": steps,
             "created": created,
             "refused": refused,
+            "edit_of": edit_of,
             "checkpoints": checkpoints,
         }
         (self.folder / "progress.tmp").write_text(json.dumps(progress))

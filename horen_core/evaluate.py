@@ -228,6 +228,32 @@ def score(editor: HorenEditor, records: Sequence[EditRecord], baseline_loc: Sequ
     return out
 
 
+def routes(editor: HorenEditor, records: Sequence[EditRecord], edit_ids: Sequence[int | None]) -> list[dict]:
+    """Per record, where its prompt and its rephrase are routed: ``own`` (the entry its edit is in),
+    ``other`` (another entry) or ``none``; a record whose edit is no longer in the codebook gets
+    none of these."""
+    own = [editor.codebook.entry_of_edit(e) if e is not None else None for e in edit_ids]
+    rows: list[dict] = [{} for _ in records]
+    for key, idx in (
+        ("rewrite_route", [i for i in range(len(records)) if own[i] is not None]),
+        ("rephrase_route", [i for i in range(len(records)) if own[i] is not None and records[i].rephrase]),
+    ):
+        prompts = [records[i].prompt if key == "rewrite_route" else records[i].rephrase for i in idx]
+        for i, g in zip(idx, answers(editor, prompts, 1)):
+            rows[i][key] = "none" if g.entry_id is None else "own" if g.entry_id == own[i] else "other"
+    return rows
+
+
+def summarize_routes(rows: list[dict]) -> dict:
+    """The share of each route (``routes``) of the prompts and of the rephrases."""
+    out = {}
+    for key in ("rewrite_route", "rephrase_route"):
+        got = [r[key] for r in rows if key in r]
+        if got:
+            out[key + "s"] = {k: round(got.count(k) / len(got), 4) for k in ("own", "other", "none")}
+    return out
+
+
 def summarize(rows: list[dict]) -> dict:
     """Means of ``score`` rows; ``overall`` is the paper's mean of rewrite, rephrase and locality
     (of those present)."""

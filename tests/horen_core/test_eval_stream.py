@@ -108,6 +108,9 @@ def test_eval_saves_progress_and_a_longer_run_resumes_it(tmp_path, tiny_llama):
     assert set(second["checkpoints"]) == {"3", "6", "8", "10"}
     assert second["checkpoints"]["6"] == first["checkpoints"]["6"]  # carried over, not re-run
     assert second["summary"]["n"] == 10 and len(second["records"]) == 10
+    # each edited prompt is routed to its own edit's entry (edit ids carried over from the saved run)
+    assert second["summary"]["rewrite_routes"]["own"] == 1.0
+    assert all(r["rewrite_route"] == "own" for r in second["records"])
     assert len(second["checkpoints"]["8"]) and second["summary"]["keys"] >= first["summary"]["keys"]
     rows[0] = zsre("where was Alice born ?", "Quito", "where did Alice get born ?")
     data.write_text(json.dumps(rows))  # another stream: refused, not mixed with the saved one
