@@ -125,7 +125,8 @@ def run_eval(args: argparse.Namespace) -> dict:
     if progress:
         report["checkpoints"] = progress["checkpoints"]
         print(f"horen eval: resuming after {done} edits from {args.state}", file=sys.stderr)
-    stops = sorted({int(c) for c in args.checkpoints.split(",") if c.strip() and done < int(c) < len(records)})
+    wanted = {int(c) for c in args.checkpoints.split(",") if c.strip()}
+    stops = sorted(c for c in wanted if done <= c < len(records) and str(c) not in report["checkpoints"])
     bar = tqdm(total=len(records), initial=done, desc="editing", file=sys.stderr)
     for stop in [*stops, len(records)]:
         while done < stop:
@@ -140,9 +141,13 @@ def run_eval(args: argparse.Namespace) -> dict:
                 created += int(res.created)
             done += len(chunk)
             bar.update(len(chunk))
+        if state:  # before scoring: an interrupted run resumes with these edits made
+            state.save(editor, done, seconds, steps, created, refused, edit_of, report["checkpoints"])
         if stop == len(records):
             break
+        t0 = time.perf_counter()
         summary, _ = _score(editor, records, edit_of, stop, baselines, args, user, chat)
+        summary["score_seconds"] = round(time.perf_counter() - t0, 1)
         report["checkpoints"][str(stop)] = {"n": stop, **summary, "keys": len(editor.codebook)}
         print(json.dumps({"checkpoint": stop, **summary}), file=sys.stderr)
         if state:
