@@ -142,7 +142,7 @@ def main() -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--out", default=None, help="gate file (default: horen_core/gates/<model fingerprint>.safetensors)")
     p.add_argument(
-        "--keep", type=float, default=0.93, help="share of threshold-split rephrased questions the gate passes"
+        "--keep", type=float, default=0.89, help="share of threshold-split rephrased questions the gate passes"
     )
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--epochs", type=int, default=60)
