@@ -119,7 +119,7 @@ class Generator:
         else:
             ids = editor.encode_prompt(job.prompt)
         check_prompt_tokens(len(ids), self.max_prompt_tokens)
-        editor.check_length(ids, job.max_new_tokens)
+        editor.tokens.check_length(ids, job.max_new_tokens)
         return ids
 
     def _chat_ids(self, messages: list[dict]) -> list[int]:
