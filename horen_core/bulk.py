@@ -24,7 +24,24 @@ if TYPE_CHECKING:
 
 
 def train_many(editor: HorenEditor, facts: Sequence[Fact | tuple]) -> list[TrainedEdit | InvalidInputError]:
-    """See ``HorenEditor.train_many``, whose contract this implements."""
+    """``HorenEditor.train_many``: ``train`` of many facts, their values trained together
+    (``ValueTrainer.train_values``) after one batched lower pass.
+
+    Contract. The result covers a prefix of ``facts``, at least the first fact: it stops before
+    the first fact that would retrain an entry that an earlier fact of this call creates or
+    retrains, because its value starts from that one's, which is not in the codebook yet. A fact
+    ``train`` would refuse gets its ``InvalidInputError`` in its slot and stops nothing. The
+    caller applies the returned edits in order (``apply``, each under the next edit id, or the
+    id and entry a database gave it) and calls again with the facts after them. Applied so,
+    each fact ends as ``train`` then ``apply`` one after another would leave it: its key is
+    routed against the codebook with the earlier facts of the call already in it (the same
+    router, gates and threshold, on a scratch copy of the entries near the call's queries),
+    so it retrains the entry of an earlier fact with the same answer in order (in a later
+    call) and gets its own key where that answer differs; a retrain starts from the entry's
+    value; each value trains with ``train``'s steps and early stop (equal up to the
+    floating-point noise of batched passes). A caller that applies only some of the returned
+    edits, or whose codebook changes otherwise before they are all applied, calls again for
+    the rest instead of applying them. ``seconds`` is the call's time shared among its edits."""
     facts = [f if isinstance(f, Fact) else Fact(*f) for f in facts]
     if not facts:
         return []

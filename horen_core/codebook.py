@@ -192,7 +192,44 @@ class _Rows:
         )
 
 
-class Codebook:
+class _CodebookFiles:
+    """A codebook's state as plain tensors, and safetensors files of it."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Plain tensors describing the whole codebook (ordered by row)."""
+        return _state_of(self)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace this codebook's contents; validates shapes and finiteness first."""
+        self.__dict__.update(_from_state(self, state).__dict__)
+
+    def save(
+        self, path: str | Path, metadata: dict[str, str] | None = None, extra: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Write the state (and ``extra`` tensors beside it, which ``load`` ignores) as safetensors."""
+        meta = {"horen_codebook": "1", **(metadata or {})}
+        tensors = {**(extra or {}), **self.state_dict()}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+
+    @staticmethod
+    def read_metadata(path: str | Path) -> dict[str, str]:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+
+    def load(self, path: str | Path) -> None:
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # safetensors raises several types for a damaged file
+            raise CorruptStateError(f"cannot read codebook file {path}: {exc}") from exc
+        self.load_state_dict(state)
+
+    def describe(self) -> str:
+        return json.dumps({"entries": len(self), "edits": len(self._edit_entry)})
+
+
+class Codebook(_CodebookFiles):
     def __init__(
         self,
         key_dim: int,
@@ -255,36 +292,14 @@ class Codebook:
 
     def nbytes(self) -> int:
         """Bytes held by tensors, live matrices at capacity plus stored versions."""
-        total = self._rows.nbytes()
-        for entry in self._entries.values():
-            for v in entry.versions:
-                for t in (v.key, v.value):
-                    if t is not None:
-                        total += t.numel() * t.element_size()
-        return total
+        versions = [t for e in self._entries.values() for v in e.versions for t in (v.key, v.value) if t is not None]
+        return self._rows.nbytes() + sum(t.numel() * t.element_size() for t in versions)
 
     def subset(self, entry_ids: Sequence[int]) -> Codebook:
         """A scratch codebook holding copies of these entries only (same entry ids, keys, values,
         answers and versions, in this codebook's row order) and the same next entry id, so entries
-        added to it get the ids this codebook would give them. Changing it leaves this one alone:
-        ``HorenEditor.train_many`` plays a batch's edits on it to route each one as if the earlier
-        ones were applied."""
-        out = Codebook(self.key_dim, self.value_dim, self.device, self.dtype)
-        rows = sorted(self._rows.row_of[int(e)] for e in {int(e) for e in entry_ids} if e in self._entries)
-        pick = torch.tensor(rows, dtype=torch.int64, device=self.device)
-        ids = [self._rows.entry_at[r] for r in rows]
-        # no row table: the dict serves, a scratch codebook is small
-        out._rows = self._rows.filled(
-            ids, self._rows.key_buf.index_select(0, pick), self._rows.value_buf.index_select(0, pick), table=False
-        )
-        for e in ids:
-            entry = self._entries[e]
-            versions = [EntryVersion(v.edit_id, v.key, v.value) for v in entry.versions]
-            out._entries[e] = Entry(e, entry.answer, versions)
-            for v in versions:
-                out._edit_entry[v.edit_id] = e
-        out._next_entry_id = self._next_entry_id
-        return out
+        added to it get the ids this codebook would give them. Changing it leaves this one alone."""
+        return _subset_of(self, entry_ids)
 
     # ---- write side ------------------------------------------------------------------------
     def reserve(self, rows: int) -> None:
@@ -331,25 +346,9 @@ class Codebook:
         them one by one in this order, with the checks and the copy into the matrices done once for
         all (10,000 entries one by one: 1.2 s under the profiler; 100,000 at once: 2.4 s without it).
         Nothing changes if any of them is rejected."""
-        n = len(edit_ids)
-        if not (n == len(answers) == len(entry_ids) == keys.shape[0] == values.shape[0]):
-            raise CorruptStateError("add_many: edit ids, keys, values, answers and entry ids differ in number")
-        if n == 0:
+        keys, values, answers = _checked_many(self, edit_ids, keys, values, answers, entry_ids)
+        if not answers:
             return []
-        if len(set(edit_ids)) != n or any(e in self._edit_entry for e in edit_ids):
-            raise CorruptStateError("add_many: an edit is repeated or already in the codebook")
-        if len(set(entry_ids)) != n or any(e in self._entries for e in entry_ids):
-            raise CorruptStateError("add_many: an entry is repeated or already exists")
-        if keys.dim() != 2 or keys.shape[1] != self.key_dim or values.dim() != 2 or values.shape[1] != self.value_dim:
-            raise CorruptStateError(
-                f"add_many: keys {tuple(keys.shape)} and values {tuple(values.shape)} do not fit"
-                f" dimensions {self.key_dim} and {self.value_dim}"
-            )
-        answers = [tuple(int(t) for t in a) for a in answers]
-        keys = keys.detach().to(device=self.device, dtype=self.dtype)
-        values = values.detach().to(device=self.device, dtype=self.dtype)
-        if not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
-            raise CorruptStateError("add_many: a key or value contains NaN or infinity")
         return self._append(edit_ids, entry_ids, torch.nn.functional.normalize(keys, dim=1), values, answers)
 
     def _append(
@@ -386,18 +385,11 @@ class Codebook:
         if len(entry.versions) == 1:
             entry.versions[0].key = self._rows.key_buf[row].clone()  # the creator's own query, kept from now on
         entry.versions.append(EntryVersion(edit_id, key=key.clone()))
-        self._rows.key_buf[row] = self._centroid(entry)
+        self._rows.key_buf[row] = _centroid(entry)
         self._rows.value_buf[row] = value
         self._edit_entry[edit_id] = entry_id
         self.generation += 1
         return CodebookChange(edit_id, entry_id, "retrained")
-
-    @staticmethod
-    def _centroid(entry: Entry) -> torch.Tensor:
-        """The key of an entry with several owners: the unit mean of their queries, so it sits
-        between the paraphrases that share one answer."""
-        total = torch.stack([v.key for v in entry.versions]).sum(dim=0)
-        return torch.nn.functional.normalize(total, dim=0)
 
     def rollback(self, edit_id: int) -> CodebookChange:
         """Remove one edit's version; the entry goes when no version remains."""
@@ -422,43 +414,9 @@ class Codebook:
             self._rows.key_buf[row] = only.key
             only.key = None
         else:
-            self._rows.key_buf[row] = self._centroid(entry)
+            self._rows.key_buf[row] = _centroid(entry)
         del removed
         return CodebookChange(edit_id, entry_id, "restored")
-
-    # ---- state -----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Plain tensors describing the whole codebook (ordered by row)."""
-        return _state_of(self)
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Replace this codebook's contents; validates shapes and finiteness first."""
-        self.__dict__.update(_from_state(self, state).__dict__)
-
-    def save(
-        self, path: str | Path, metadata: dict[str, str] | None = None, extra: dict[str, torch.Tensor] | None = None
-    ) -> None:
-        """Write the state (and ``extra`` tensors beside it, which ``load`` ignores) as safetensors."""
-        meta = {"horen_codebook": "1", **(metadata or {})}
-        tensors = {**(extra or {}), **self.state_dict()}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
-
-    @staticmethod
-    def read_metadata(path: str | Path) -> dict[str, str]:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-
-    def load(self, path: str | Path) -> None:
-        try:
-            state = load_file(str(path))
-        except Exception as exc:  # safetensors raises several types for a damaged file
-            raise CorruptStateError(f"cannot read codebook file {path}: {exc}") from exc
-        self.load_state_dict(state)
-
-    def describe(self) -> str:
-        return json.dumps({"entries": len(self), "edits": len(self._edit_entry)})
 
 
 def _state_of(cb: Codebook) -> dict[str, torch.Tensor]:
@@ -568,3 +526,53 @@ def _from_state(cb: Codebook, state: dict[str, torch.Tensor]) -> Codebook:
     fresh._next_entry_id = max(next_entry_id, max(entry_ids, default=0) + 1)
     fresh.generation = cb.generation + 1
     return fresh
+
+
+def _subset_of(cb: Codebook, entry_ids: Sequence[int]) -> Codebook:
+    """``Codebook.subset``."""
+    out = Codebook(cb.key_dim, cb.value_dim, cb.device, cb.dtype)
+    rows = sorted(cb._rows.row_of[int(e)] for e in {int(e) for e in entry_ids} if e in cb._entries)
+    pick = torch.tensor(rows, dtype=torch.int64, device=cb.device)
+    ids = [cb._rows.entry_at[r] for r in rows]
+    # no row table: the dict serves, a scratch codebook is small
+    out._rows = cb._rows.filled(
+        ids, cb._rows.key_buf.index_select(0, pick), cb._rows.value_buf.index_select(0, pick), table=False
+    )
+    for e in ids:
+        entry = cb._entries[e]
+        versions = [EntryVersion(v.edit_id, v.key, v.value) for v in entry.versions]
+        out._entries[e] = Entry(e, entry.answer, versions)
+        for v in versions:
+            out._edit_entry[v.edit_id] = e
+    out._next_entry_id = cb._next_entry_id
+    return out
+
+
+def _checked_many(cb: Codebook, edit_ids, keys, values, answers, entry_ids):
+    """``Codebook.add_many``'s checks: its keys, values and answers as the codebook stores them."""
+    n = len(edit_ids)
+    if not (n == len(answers) == len(entry_ids) == keys.shape[0] == values.shape[0]):
+        raise CorruptStateError("add_many: edit ids, keys, values, answers and entry ids differ in number")
+    if n == 0:
+        return keys, values, []
+    if len(set(edit_ids)) != n or any(e in cb._edit_entry for e in edit_ids):
+        raise CorruptStateError("add_many: an edit is repeated or already in the codebook")
+    if len(set(entry_ids)) != n or any(e in cb._entries for e in entry_ids):
+        raise CorruptStateError("add_many: an entry is repeated or already exists")
+    if keys.dim() != 2 or keys.shape[1] != cb.key_dim or values.dim() != 2 or values.shape[1] != cb.value_dim:
+        raise CorruptStateError(
+            f"add_many: keys {tuple(keys.shape)} and values {tuple(values.shape)} do not fit"
+            f" dimensions {cb.key_dim} and {cb.value_dim}"
+        )
+    answers = [tuple(int(t) for t in a) for a in answers]
+    keys = keys.detach().to(device=cb.device, dtype=cb.dtype)
+    values = values.detach().to(device=cb.device, dtype=cb.dtype)
+    if not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
+        raise CorruptStateError("add_many: a key or value contains NaN or infinity")
+    return keys, values, answers
+
+
+def _centroid(entry: Entry) -> torch.Tensor:
+    """The key of an entry with several owners: the unit mean of their queries, so it sits between
+    the paraphrases that share one answer."""
+    return torch.nn.functional.normalize(torch.stack([v.key for v in entry.versions]).sum(dim=0), dim=0)

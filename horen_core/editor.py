@@ -27,7 +27,7 @@ from horen_core.gate import RelationGate
 from horen_core.gating import GatedRouter
 from horen_core.generation import Decoder, Generation, RowStream, unedited
 from horen_core.layer import HorenLayer
-from horen_core.modeling import ModelAdapter, model_fingerprint, module_dims
+from horen_core.modeling import ModelAdapter, Placement, freeze, model_fingerprint, module_dims
 from horen_core.prompting import ChatFormat, Tokens, resolve_question
 from horen_core.retrieval import HopfieldRetriever
 from horen_core.routing import CandidateIndex, Router
@@ -42,30 +42,21 @@ class HorenEditor:
         self.config.validate()
         self.model = model
         self.tokenizer = tokenizer
-        # the base weights are never trained: freeze them so no edit leaves gradients behind
-        model.eval()
-        for param in model.parameters():
-            param.requires_grad_(False)
+        freeze(model)
         self.adapter = ModelAdapter.for_model(model, self.config.layer, self.config.module_template)
         try:
             self.layer = HorenLayer.wrap(model, self.adapter.module_path)
         except ValueError as exc:
             raise InvalidInputError(str(exc)) from None
         key_dim, value_dim = module_dims(self.layer.base_layer)
-        weight = next(self.layer.base_layer.parameters())
-        # the codebook lives with the edited layer; inputs go to the embedding's device (they differ
-        # when a device map spreads the model over several GPUs)
-        self.device, self.model_dtype = weight.device, weight.dtype
-        self.input_device = model.get_input_embeddings().weight.device
-        self.multi_device = len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1
+        place = Placement.of(model, self.layer.base_layer)
+        self.device, self.model_dtype, self.input_device = place.device, place.dtype, place.input_device
+        self.multi_device, self.max_context = place.multi_device, place.max_context
         self.codebook = Codebook(key_dim, value_dim, device=self.device)
         # every codebook change goes to the router, which keeps an attached candidate index current
         self.router = Router(self.codebook, HopfieldRetriever.from_config(self.config))
         self.store = EditStore(self.codebook, self.router, self.device)  # the live edits' subjects and vectors
         self.fingerprint = model_fingerprint(model)
-        self.max_context = int(
-            getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
-        )
         self.tokens = Tokens(tokenizer, self.max_context)
         self.chat = ChatFormat(tokenizer)
         self.lock = threading.RLock()
@@ -216,23 +207,9 @@ class HorenEditor:
 
     def train_many(self, facts: Sequence[Fact | tuple]) -> list[TrainedEdit | InvalidInputError]:
         """``train`` of many facts (``Fact`` or (prompt, target[, fmt[, subject]]) tuples), their
-        values trained together (``ValueTrainer.train_values``) after one batched lower pass.
-
-        Contract. The result covers a prefix of ``facts``, at least the first fact: it stops before
-        the first fact that would retrain an entry that an earlier fact of this call creates or
-        retrains, because its value starts from that one's, which is not in the codebook yet. A fact
-        ``train`` would refuse gets its ``InvalidInputError`` in its slot and stops nothing. The
-        caller applies the returned edits in order (``apply``, each under the next edit id, or the
-        id and entry a database gave it) and calls again with the facts after them. Applied so,
-        each fact ends as ``train`` then ``apply`` one after another would leave it: its key is
-        routed against the codebook with the earlier facts of the call already in it (the same
-        router, gates and threshold, on a scratch copy of the entries near the call's queries),
-        so it retrains the entry of an earlier fact with the same answer in order (in a later
-        call) and gets its own key where that answer differs; a retrain starts from the entry's
-        value; each value trains with ``train``'s steps and early stop (equal up to the
-        floating-point noise of batched passes). A caller that applies only some of the returned
-        edits, or whose codebook changes otherwise before they are all applied, calls again for
-        the rest instead of applying them. ``seconds`` is the call's time shared among its edits."""
+        values trained together after one batched lower pass. The result covers a prefix of
+        ``facts``; the caller applies it in order and calls again for the rest. Applied so, each
+        fact ends as ``train`` then ``apply`` would leave it: the contract is ``bulk.train_many``'s."""
         return bulk.train_many(self, facts)
 
     def edit_many(self, facts: Sequence[Fact | tuple], batch: int = 32) -> list[EditResult | InvalidInputError]:

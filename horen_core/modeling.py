@@ -343,3 +343,34 @@ def module_dims(module: nn.Module) -> tuple[int, int]:
     if weight is not None and type(module).__name__ == "Conv1D":
         return weight.shape[0], weight.shape[1]
     raise UnsupportedModelError(f"cannot tell the dimensions of {type(module).__name__}")
+
+
+def freeze(model: nn.Module) -> None:
+    """Evaluation mode and no gradients: the base weights are never trained, so no edit leaves
+    gradients behind."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an edited model runs: the edited layer's device and dtype (the codebook lives there),
+    the device inputs go to (the embedding's; they differ when a device map spreads the model over
+    several GPUs), whether it is so spread, and its context length in tokens."""
+
+    device: torch.device
+    dtype: torch.dtype
+    input_device: torch.device
+    multi_device: bool
+    max_context: int
+
+    @classmethod
+    def of(cls, model: nn.Module, layer: nn.Module) -> Placement:
+        weight = next(layer.parameters())
+        devices = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
+        cfg = model.config
+        context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048)
+        return cls(
+            weight.device, weight.dtype, model.get_input_embeddings().weight.device, len(devices) > 1, int(context)
+        )

@@ -88,7 +88,9 @@ class _Labels:
         return live
 
 
-class KeyIndex:
+class EntryIndex:
+    """The FAISS index over keys under stable entry ids: build, add, remove, search (below)."""
+
     def __init__(
         self,
         dim: int,
@@ -206,48 +208,6 @@ class KeyIndex:
         out[:, : min(self.top_k, entries.shape[1])] = entries[:, : self.top_k]
         return out
 
-    # ---- the CandidateIndex of horen_core.routing ------------------------------------------
-    def reset(self, keys: KeysView) -> None:
-        """Index exactly what ``keys`` holds (nothing below ``min_keys`` keys)."""
-        self._clear()
-        if len(keys) >= self.min_keys and not self.exact_on_device:
-            self._rebuild_from(keys)
-
-    def apply(self, changes: Sequence[CodebookChange], keys: KeysView) -> None:
-        """Follow these codebook changes: O(changes), unless the codebook has grown enough to build
-        the index, refit its projection (doubled since the fit) or quantise it (past ``pq_min_keys``)."""
-        if self.exact_on_device:
-            return
-        if self._index is None:
-            if len(keys) >= self.min_keys:
-                self._rebuild_from(keys)
-            return
-        self._reconcile({c.entry_id for c in changes}, keys)
-        if self.projection is not None and self._fit_count < self.pca_sample and len(self) >= 2 * self._fit_count:
-            self._rebuild_from(keys)
-        elif isinstance(self._index, faiss.IndexFlatL2) and len(self) >= self.pq_min_keys:
-            self._rebuild_from(keys)
-
-    def candidates(self, queries: torch.Tensor, keys: KeysView, support: int = 0) -> torch.Tensor | None:
-        """Unit queries [B, d] -> rows of ``keys`` [B, top_k] (-1 padded), or None for exact routing
-        (small codebook, or no candidate for some query).
-
-        With the retriever's ``support`` s (< top_k) and the keys in host memory, each query gets its s
-        nearest candidates by exact inner product with the full keys instead, the rows routing would
-        attend anyway (``HopfieldRetriever._nearest``), scored in place by FAISS rather than gathered
-        by torch (the same routes, in less time)."""
-        if self.exact_on_device or self._index is None or len(keys) < self.min_keys:
-            return None
-        ids = self.search(queries.detach().to(torch.float32).cpu().numpy())
-        rows = keys.rows_of(torch.from_numpy(ids))  # -1 padding stays -1
-        if (rows.numpy() < 0).all(axis=1).any():
-            return None
-        if 0 < support < rows.shape[1]:
-            nearest = _nearest_rows(keys.matrix, queries, rows, support)
-            if nearest is not None:
-                rows = nearest
-        return rows.to(queries.device)
-
     # ---- internals -------------------------------------------------------------------------
     def _check(self, entry_ids: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(entry_ids, dtype=np.int64).reshape(-1)
@@ -322,6 +282,51 @@ class KeyIndex:
             for i in range(0, len(live), ADD_CHUNK):
                 fresh.add(np.ascontiguousarray(vectors[i : i + ADD_CHUNK]))
         self._index = fresh
+
+
+class KeyIndex(EntryIndex):
+    """The ``EntryIndex`` that follows a codebook: the ``CandidateIndex`` of ``horen_core.routing``."""
+
+    def reset(self, keys: KeysView) -> None:
+        """Index exactly what ``keys`` holds (nothing below ``min_keys`` keys)."""
+        self._clear()
+        if len(keys) >= self.min_keys and not self.exact_on_device:
+            self._rebuild_from(keys)
+
+    def apply(self, changes: Sequence[CodebookChange], keys: KeysView) -> None:
+        """Follow these codebook changes: O(changes), unless the codebook has grown enough to build
+        the index, refit its projection (doubled since the fit) or quantise it (past ``pq_min_keys``)."""
+        if self.exact_on_device:
+            return
+        if self._index is None:
+            if len(keys) >= self.min_keys:
+                self._rebuild_from(keys)
+            return
+        self._reconcile({c.entry_id for c in changes}, keys)
+        if self.projection is not None and self._fit_count < self.pca_sample and len(self) >= 2 * self._fit_count:
+            self._rebuild_from(keys)
+        elif isinstance(self._index, faiss.IndexFlatL2) and len(self) >= self.pq_min_keys:
+            self._rebuild_from(keys)
+
+    def candidates(self, queries: torch.Tensor, keys: KeysView, support: int = 0) -> torch.Tensor | None:
+        """Unit queries [B, d] -> rows of ``keys`` [B, top_k] (-1 padded), or None for exact routing
+        (small codebook, or no candidate for some query).
+
+        With the retriever's ``support`` s (< top_k) and the keys in host memory, each query gets its s
+        nearest candidates by exact inner product with the full keys instead, the rows routing would
+        attend anyway (``HopfieldRetriever._nearest``), scored in place by FAISS rather than gathered
+        by torch (the same routes, in less time)."""
+        if self.exact_on_device or self._index is None or len(keys) < self.min_keys:
+            return None
+        ids = self.search(queries.detach().to(torch.float32).cpu().numpy())
+        rows = keys.rows_of(torch.from_numpy(ids))  # -1 padding stays -1
+        if (rows.numpy() < 0).all(axis=1).any():
+            return None
+        if 0 < support < rows.shape[1]:
+            nearest = _nearest_rows(keys.matrix, queries, rows, support)
+            if nearest is not None:
+                rows = nearest
+        return rows.to(queries.device)
 
     def _rebuild_from(self, keys: KeysView) -> None:
         log.info("key index: building over %d keys", len(keys))
