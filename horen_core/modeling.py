@@ -142,6 +142,8 @@ def model_fingerprint(model: nn.Module) -> str:
     cfg = model.config.to_dict()
     for k in ("_name_or_path", "dtype", "torch_dtype", "quantization_config", "transformers_version", "use_cache"):
         cfg.pop(k, None)
+    # a GGUF dequantised in process has no architectures, its converted copy names the class
+    cfg["architectures"] = cfg.get("architectures") or [type(model).__name__]
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
     emb = model.get_input_embeddings().weight
     h.update(emb[:8].detach().float().cpu().numpy().round(4).tobytes())

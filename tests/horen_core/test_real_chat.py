@@ -111,3 +111,15 @@ def test_a_question_after_a_context_sentence_reads_its_edit(chat_editor):
             hits += plain.edit_id is not None and r["answers"][0] in plain.text
             hits += chat.edit_id is not None and r["answers"][0] in chat.text
     assert hits >= 2 * len(CONTEXTS) * len(PLAIN + CHAT) - 2, hits
+
+
+def test_the_bundled_model_is_one_model_however_it_is_loaded(real_model):
+    """Dequantised in process or read from its converted copy: one fingerprint, so its codebooks
+    and its shipped relation gate apply either way."""
+    from horen_core import load_model
+    from horen_core.gate import RelationGate
+    from horen_core.modeling import model_fingerprint
+
+    direct, _ = load_model(None, device="cpu", converted_dir=None)
+    assert model_fingerprint(direct) == model_fingerprint(real_model[0])
+    assert RelationGate.shipped(model_fingerprint(direct)) is not None
