@@ -63,7 +63,8 @@ def train_many(editor: HorenEditor, facts: Sequence[Fact | tuple]) -> list[Train
         valid = [p for p in parsed if not isinstance(p, InvalidInputError)]
         editor.trainer.prepare_many([c for _, contexts, _ in valid for c in contexts])
         queries = [F.normalize(torch.stack([c.query for c in p[1]]).mean(0), dim=-1) for p in valid]
-        scratch = _scratch(editor, torch.stack(queries) if queries else None, len(valid))
+        # a lone fact routes against the codebook itself: no later fact needs it played on a copy
+        scratch = _scratch(editor, torch.stack(queries), len(valid)) if len(valid) > 1 else editor.routing
         touched: set[int] = set()  # entries the call's facts so far create or retrain
         planned: list[tuple | InvalidInputError] = []
         query_of = iter(queries)
@@ -81,15 +82,15 @@ def train_many(editor: HorenEditor, facts: Sequence[Fact | tuple]) -> list[Train
                 reuse = None  # a conflicting edit gets its own key
             if reuse is not None and reuse in touched:
                 break  # its value starts from an earlier fact's: the caller applies that first
+            planned.append((contexts, subject, query, answer, gate, reuse))
+            if scratch is editor.routing:
+                continue
             placeholder = torch.zeros(editor.codebook.value_dim, device=editor.device)
             if reuse is None:
-                change = scratch.store.add(-1 - len(planned), query, placeholder, answer, subject, gate)
+                change = scratch.store.add(-len(planned), query, placeholder, answer, subject, gate)
             else:
-                change = scratch.store.apply_version(
-                    -1 - len(planned), reuse, query, placeholder, answer, subject, gate
-                )
+                change = scratch.store.apply_version(-len(planned), reuse, query, placeholder, answer, subject, gate)
             touched.add(change.entry_id)
-            planned.append((contexts, subject, query, answer, gate, reuse))
         jobs = [p for p in planned if not isinstance(p, InvalidInputError)]
         inits = [
             editor.codebook.values[editor.codebook.row_of(reuse)].clone() if reuse is not None else None

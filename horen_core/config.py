@@ -49,6 +49,9 @@ class HorenConfig:
     relation_gate: bool = True
     # the relation gate's cosine threshold; None = the one fitted with it
     gate_threshold: float | None = None
+    # entries after the best a prompt may read, in order, when the gates turn the better ones down
+    # (0: only the best; a question's best key is often another subject's edit of the same relation)
+    runners_up: int = 4
     # the paper's public procedure: fixed max_steps, full-model forward/backward, no early stop
     reference_procedure: bool = False
 
@@ -69,8 +72,8 @@ class HorenConfig:
             raise ConfigError("query_fraction must be in (0, 1]")
         if not 0.0 <= self.hopfield_alpha <= 1.0:
             raise ConfigError("hopfield_alpha must be in [0, 1]")
-        if self.hopfield_support < 0:
-            raise ConfigError("hopfield_support must be >= 0 (0 = all keys)")
+        if self.hopfield_support < 0 or self.runners_up < 0:
+            raise ConfigError("hopfield_support and runners_up must be >= 0 (support 0 = all keys)")
         if self.hopfield_steps < 0 or self.max_steps < 1:
             raise ConfigError("hopfield_steps must be >= 0 and max_steps >= 1")
         if not -1.0 <= self.threshold <= 1.0 or not -1.0 <= self.subject_threshold <= 1.0:

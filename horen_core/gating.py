@@ -45,39 +45,52 @@ class GatedRouter:
         texts: Sequence[str] | None = None,
         relation: Callable[[int, str], torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, list[int | None], torch.Tensor]:
-        """Route unit queries. With ``texts`` (each row's question), a row whose best entry's subject
-        it does not mention is not routed; with ``relation`` (row, subject -> the row's relation
-        vector), nor is a row whose vector is too far from the entry's edit's. A row below
-        ``threshold`` (down to ``subject_threshold``) is routed only when both gates were checked."""
+        """Route unit queries. With ``texts`` (each row's question), a row reads no entry whose
+        subject it does not mention; with ``relation`` (row, subject -> the row's relation vector),
+        none whose edit's vector is too far from the row's. A row below ``threshold`` (down to
+        ``subject_threshold``) reads an entry only when both gates were checked. With ``texts``, a
+        row turned down by its best entry reads the first of the ``runners_up`` next ones that its
+        gates let through. Returns the values, entry ids (None: not routed) and cosines."""
         cb = self.codebook
         keys = cb.keys
-        routing = self.router.route(queries)
-        rows = routing.rows
+        routing = self.router.route(queries, self.config.runners_up if texts is not None else 0)
+        best, scores = routing.rows.tolist(), routing.scores.clone()
+        nexts = [] if routing.next_rows is None else routing.next_rows.tolist()
+        next_scores = [] if routing.next_scores is None else routing.next_scores.tolist()
+        chosen = [-1] * len(best)
+        for i, r in enumerate(best):
+            options = [(r, float(scores[i]))]
+            if nexts:
+                options += [(a, b) for a, b in zip(nexts[i], next_scores[i]) if a >= 0]
+            for row, score in options:
+                if row >= 0 and self._keeps(cb.entry_id_at(row), score, i, texts, relation):
+                    chosen[i] = row
+                    scores[i] = score
+                    break
+        rows = torch.tensor(chosen, dtype=torch.long)
         hit = rows >= 0
         values = torch.zeros(queries.shape[0], cb.value_dim, device=keys.device, dtype=cb.dtype)
         if hit.any():
-            values[hit] = cb.values[rows[hit]]
+            values[hit] = cb.values[rows[hit].to(keys.device)]
         entry_ids = [cb.entry_id_at(int(r)) if r >= 0 else None for r in rows.tolist()]
-        threshold = self.config.threshold
-        for i, e in enumerate(entry_ids):
-            if e is None:
-                continue
-            below = float(routing.scores[i]) < threshold
-            if texts is None:
-                keep = not below
-            else:
-                owner = cb.owner_edit(e)
-                subject = self.store.subjects.get(owner, "")
-                gated = bool(subject) and relation is not None and self.gate is not None and owner in self.store.gates
-                keep = (
-                    (gated or not below)
-                    and mentions(subject, texts[i])
-                    and self._same_relation(e, relation, i, subject)
-                )
-            if not keep:
-                entry_ids[i] = None
-                values[i] = 0
-        return values, entry_ids, routing.scores
+        return values, entry_ids, scores
+
+    def _keeps(
+        self,
+        entry: int,
+        score: float,
+        i: int,
+        texts: Sequence[str] | None,
+        relation: Callable[[int, str], torch.Tensor | None] | None,
+    ) -> bool:
+        """Whether row ``i`` may read ``entry`` at cosine ``score`` (see ``route``)."""
+        below = score < self.config.threshold
+        if texts is None:
+            return not below
+        owner = self.codebook.owner_edit(entry)
+        subject = self.store.subjects.get(owner, "")
+        gated = bool(subject) and relation is not None and self.gate is not None and owner in self.store.gates
+        return (gated or not below) and mentions(subject, texts[i]) and self._same_relation(entry, relation, i, subject)
 
     def _same_relation(
         self, entry: int, relation: Callable[[int, str], torch.Tensor | None] | None, row: int, subject: str

@@ -31,6 +31,10 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 class Routing:
     rows: torch.Tensor  # [B] codebook row per query, -1 where nothing cleared the threshold
     scores: torch.Tensor  # [B] cosine of the refined query with its best key
+    # [B, m] the next-best rows that clear the threshold, best first (-1 pads), and their cosines;
+    # None unless ``route(..., runners_up=m)`` asked for them
+    next_rows: torch.Tensor | None = None
+    next_scores: torch.Tensor | None = None
 
 
 class HopfieldRetriever:
@@ -91,6 +95,7 @@ class HopfieldRetriever:
         keys: torch.Tensor,
         candidates: torch.Tensor | None = None,
         order: torch.Tensor | None = None,
+        runners_up: int = 0,
     ) -> Routing:
         """Route unit queries [B, d] against unit keys [N, d].
 
@@ -99,6 +104,8 @@ class HopfieldRetriever:
         breaks exact ties (identical keys, e.g. the same prompt edited twice): the larger wins.
         With ``support`` s, each query attends only its s nearest keys (by cosine, among the
         candidates or all keys): a prefilter whose candidates hold those s routes exactly alike.
+        With ``runners_up`` m, the m next-best rows above the threshold come too, for a caller whose
+        gates may turn the best one down.
         """
         b = queries.shape[0]
         none = torch.full((b,), -1, dtype=torch.long, device=queries.device)
@@ -107,7 +114,7 @@ class HopfieldRetriever:
         queries = queries.to(keys.dtype)
         candidates, sub = self._nearest(queries, keys, candidates)
         if candidates is not None and b <= _HOST_QUERIES and keys.device.type == "cpu" and keys.dtype == torch.float32:
-            return self._route_host(queries, keys, candidates, order)
+            return self._route_host(queries, keys, candidates, order, runners_up)
         if candidates is None:
             q = self.refine(queries, keys)
             s = self._scores(q, keys)
@@ -133,17 +140,41 @@ class HopfieldRetriever:
                 scores = s.gather(1, pos[:, None]).squeeze(1)
         rows = rows_of.gather(1, pos[:, None]).squeeze(1) if rows_of is not None else pos
         hit = scores >= self.threshold
-        return Routing(torch.where(hit, rows, none), scores)
+        routing = Routing(torch.where(hit, rows, none), scores)
+        if runners_up:
+            routing = self._runners_up(routing, s, pos, rows_of, runners_up)
+        return routing
+
+    def _runners_up(
+        self, routing: Routing, s: torch.Tensor, pos: torch.Tensor, rows_of: torch.Tensor | None, m: int
+    ) -> Routing:
+        """``routing`` with the ``m`` best rows of scores ``s`` [B, n] after the chosen ``pos``."""
+        s = s.scatter(1, pos[:, None], float("-inf"))
+        m = min(m, s.shape[1] - 1)
+        if m <= 0:
+            pad = torch.full((s.shape[0], 0), -1, dtype=torch.long, device=s.device)
+            return Routing(routing.rows, routing.scores, pad, s[:, :0])
+        top, at = s.topk(m, dim=-1)
+        rows = rows_of.gather(1, at) if rows_of is not None else at
+        rows = torch.where(top >= self.threshold, rows, -1)
+        return Routing(routing.rows, routing.scores, rows, top)
 
     def _route_host(
-        self, queries: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor, order: torch.Tensor | None
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        candidates: torch.Tensor,
+        order: torch.Tensor | None,
+        runners_up: int = 0,
     ) -> Routing:
         """``route`` over per-query ``candidates`` (at most ``support`` each, -1 pads) for a few
         queries on the CPU, in numpy, query by query; the float32 arithmetic of the torch path."""
         k_all = keys.detach().numpy()
         prio = None if order is None else order.detach().cpu().numpy()
         out_rows, out_scores = [], []
-        for q, rows in zip(queries.detach().numpy(), candidates.cpu().numpy()):
+        next_rows = np.full((queries.shape[0], runners_up), -1, dtype=np.int64)
+        next_scores = np.full((queries.shape[0], runners_up), -np.inf, dtype=np.float32)
+        for i, (q, rows) in enumerate(zip(queries.detach().numpy(), candidates.cpu().numpy())):
             valid = rows >= 0
             if not valid.all():
                 rows = rows[valid]
@@ -169,4 +200,12 @@ class HopfieldRetriever:
                     score = float(s[pos])
             out_rows.append(int(rows[pos]) if score >= self.threshold else -1)
             out_scores.append(score)
-        return Routing(torch.tensor(out_rows, dtype=torch.long), torch.tensor(out_scores, dtype=keys.dtype))
+            if runners_up:
+                s[pos] = -np.inf
+                after = np.argsort(-s, kind="stable")[: min(runners_up, len(s) - 1)]
+                next_scores[i, : len(after)] = s[after]
+                next_rows[i, : len(after)] = np.where(s[after] >= self.threshold, rows[after], -1)
+        routing = Routing(torch.tensor(out_rows, dtype=torch.long), torch.tensor(out_scores, dtype=keys.dtype))
+        if runners_up:
+            return Routing(routing.rows, routing.scores, torch.from_numpy(next_rows), torch.from_numpy(next_scores))
+        return routing

@@ -85,12 +85,13 @@ class Router:
         if self.index is not None:
             self.index.reset(self.keys)
 
-    def route(self, queries: torch.Tensor) -> Routing:
-        """Unit queries [B, d] -> each one's row (-1: none cleared the threshold) and best cosine."""
+    def route(self, queries: torch.Tensor, runners_up: int = 0) -> Routing:
+        """Unit queries [B, d] -> each one's row (-1: none cleared the threshold) and best cosine,
+        with the ``runners_up`` next-best rows (``HopfieldRetriever.route``)."""
         cb = self.codebook
         keys = cb.keys
         index = self.index
         candidates = None
         if index is not None and len(cb):
             candidates = index.candidates(queries, self.keys, self.retriever.support)
-        return self.retriever.route(queries.to(keys.device), keys, candidates, order=cb.row_entry_ids)
+        return self.retriever.route(queries.to(keys.device), keys, candidates, cb.row_entry_ids, runners_up)

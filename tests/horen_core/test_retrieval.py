@@ -93,3 +93,27 @@ def test_a_few_queries_on_the_cpu_route_as_a_batch_does():
             assert 0 < int((batch.rows >= 0).sum()) < len(queries)
     nothing = r.route(queries[:2], keys, torch.full((2, 8), -1))
     assert torch.equal(nothing.rows, torch.tensor([-1, -1]))
+
+
+def test_runners_up_are_the_next_rows_above_the_threshold_in_both_paths():
+    """``runners_up`` m: the m best rows after the chosen one, best first, -1 where below the
+    threshold; the numpy path (a few queries over candidates) and the torch one agree."""
+    keys = bulk_keys(500, seed=12)
+    anchor = keys[10]
+    keys[11] = near(anchor[None], 0.95, seed=13)[0]  # two more keys near row 10's
+    keys[12] = near(anchor[None], 0.90, seed=14)[0]
+    query = near(anchor[None], 0.99, seed=15)
+    r = retriever(32)
+    cos = query @ keys.T
+    for candidates in (None, cos.topk(40, dim=-1).indices):
+        one = r.route(query, keys, candidates, runners_up=3)  # numpy path with candidates
+        many = r.route(
+            query.expand(12, -1), keys, None if candidates is None else candidates.expand(12, -1), runners_up=3
+        )
+        for got in (one, many):
+            assert int(got.rows[0]) == 10
+            nxt = got.next_rows[0].tolist()
+            assert set(nxt[:2]) == {11, 12} and nxt[2] == -1  # the rest of the keys are far below 0.8
+            assert float(got.next_scores[0, 0]) >= float(got.next_scores[0, 1]) >= 0.8 > float(got.next_scores[0, 2])
+            assert float(got.next_scores[0, 0]) <= float(got.scores[0])
+    assert r.route(query, keys).next_rows is None

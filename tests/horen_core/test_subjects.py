@@ -64,3 +64,17 @@ def test_subjects_survive_save_and_load(tmp_path, tiny_factory, tiny_tokenizer, 
     b.load(tmp_path / "cb.safetensors")
     assert b.subjects == a.subjects == {1: "Spain"}
     assert b.generate(["the capital of France is"], max_new_tokens=4)[0].entry_id is None
+
+
+def test_a_prompt_turned_down_by_its_best_entry_reads_the_next_one(tiny_factory, tiny_tokenizer, make_editor):
+    """The best key may be another subject's edit: the gates turn it down and the prompt reads the
+    next entry they let through (``runners_up``), not nothing."""
+    editor = make_editor(tiny_factory("llama"), tiny_tokenizer, HorenConfig(**{**CFG.to_dict(), "runners_up": 4}))
+    prompt = "the capital of France is"
+    france = editor.edit(prompt, "Paris", subject="France")
+    spain = editor.edit(prompt, "Rome", subject="Spain")  # the same key, newer: the best entry, not mentioned
+    assert spain.entry_id != france.entry_id
+    routed = editor.generate([prompt], max_new_tokens=4)[0]
+    assert routed.edit_id == france.edit_id and routed.text.strip().startswith("Paris")
+    editor.config.runners_up = 0
+    assert editor.generate([prompt], max_new_tokens=4)[0].entry_id is None
