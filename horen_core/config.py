@@ -32,7 +32,7 @@ class HorenConfig:
     # minimum cosine between refined query and best key for the key's value to be applied
     threshold: float = 0.8
     # the lower minimum for a prompt that names the edit's subject and passes its relation gate
-    subject_threshold: float = 0.7
+    subject_threshold: float = 0.6
     # Adam learning rate for the value vector
     lr: float = 8.0
     # Adam betas: short memories, because each edit is a fresh ~10-step problem
