@@ -83,16 +83,6 @@ class HorenEditor:
         }
 
     @property
-    def subjects(self) -> dict[int, str]:
-        """Edit id -> its subject; an entry is gated by its owner edit's."""
-        return self.store.subjects
-
-    @property
-    def gates(self) -> dict[int, torch.Tensor]:
-        """Edit id -> its relation vector (see ``horen_core.gate``)."""
-        return self.store.gates
-
-    @property
     def gate(self) -> RelationGate | None:
         """The relation gate of edits made from now on (``set_gate``)."""
         return self.routing.gate

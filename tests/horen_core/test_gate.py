@@ -108,21 +108,21 @@ def test_an_edit_made_before_the_gate_is_not_gated(tiny_llama, make_editor):
 def test_relation_vectors_follow_rollback_replay_and_save(gated, tmp_path, tiny_llama, make_editor):
     a = gated.edit(PROMPT, TARGET, subject="")
     b = gated.edit("the capital of France is", "Rome", subject="")
-    assert set(gated.gates) == {a.edit_id, b.edit_id}
+    assert set(gated.store.gates) == {a.edit_id, b.edit_id}
     gated.rollback(b.edit_id)
-    assert set(gated.gates) == {a.edit_id}
+    assert set(gated.store.gates) == {a.edit_id}
     path = tmp_path / "cb.safetensors"
     gated.save(path)
     gated.unwrap()
 
     other = make_editor(*tiny_llama, HorenConfig(layer=1, max_steps=60, lr=0.5, stop_loss=1.0))
     other.load(path)
-    assert torch.allclose(other.gates[a.edit_id].cpu(), a.gate)
+    assert torch.allclose(other.store.gates[a.edit_id].cpu(), a.gate)
     other.unwrap()
 
     third = make_editor(*tiny_llama, HorenConfig(layer=1, max_steps=60, lr=0.5, stop_loss=1.0))
     third.apply_versions([a.edit_id], [a.edit_id], a.key[None], a.value[None], [a.answer], [""], [a.gate])
-    assert torch.allclose(third.gates[a.edit_id].cpu(), a.gate)
+    assert torch.allclose(third.store.gates[a.edit_id].cpu(), a.gate)
 
 
 def test_a_prompt_below_the_threshold_is_routed_only_through_both_gates(tiny_llama, make_editor):

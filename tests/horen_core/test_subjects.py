@@ -62,7 +62,7 @@ def test_subjects_survive_save_and_load(tmp_path, tiny_factory, tiny_tokenizer, 
     a.save(tmp_path / "cb.safetensors")
     b = make_editor(tiny_factory("llama"), tiny_tokenizer, CFG)
     b.load(tmp_path / "cb.safetensors")
-    assert b.subjects == a.subjects == {1: "Spain"}
+    assert b.store.subjects == a.store.subjects == {1: "Spain"}
     assert b.generate(["the capital of France is"], max_new_tokens=4)[0].entry_id is None
 
 

@@ -39,7 +39,7 @@ def test_relation_vectors_are_stored_replayed_and_exported(tmp_path, tiny_model_
         wait_ready(c)
         edit = c.post("/edits", json={"prompt": PROMPT, "target": "Paris"}).json()
         assert c.post("/generate", json=ask).json()["edit_id"] == edit["id"]
-        vector = c.app.state.runtime.editor.gates[edit["id"]].cpu()
+        vector = c.app.state.runtime.editor.store.gates[edit["id"]].cpu()
         archive = c.get("/admin/export", headers=ADMIN).content
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         line = json.loads(tar.extractfile("edits.jsonl").readline())
@@ -47,7 +47,7 @@ def test_relation_vectors_are_stored_replayed_and_exported(tmp_path, tiny_model_
 
     with TestClient(create_app(settings)) as c:  # a restart replays the vector from the database
         wait_ready(c)
-        assert torch.equal(c.app.state.runtime.editor.gates[edit["id"]].cpu(), vector)
+        assert torch.equal(c.app.state.runtime.editor.store.gates[edit["id"]].cpu(), vector)
 
     strict = tmp_path / "strict.safetensors"
     write_gate(tiny_model_dir, strict, threshold=1.5)  # same map, no prompt clears it
@@ -62,10 +62,10 @@ def test_relation_vectors_are_stored_replayed_and_exported(tmp_path, tiny_model_
         wait_ready(c)
         new_id = imported.json()["first_id"]
         for _ in range(100):  # the engine applies the import from the event log
-            if new_id in c.app.state.runtime.editor.gates:
+            if new_id in c.app.state.runtime.editor.store.gates:
                 break
             c.get("/readyz")
-        assert torch.allclose(c.app.state.runtime.editor.gates[new_id].cpu(), vector)
+        assert torch.allclose(c.app.state.runtime.editor.store.gates[new_id].cpu(), vector)
         assert c.post("/generate", json=ask).json() == unedited  # gated away: another relation
 
 
