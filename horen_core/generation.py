@@ -78,7 +78,8 @@ class Decoder:
         self.model, self.tokenizer, self.codebook = model, tokenizer, codebook
         self.plan, self.encode_prompt, self.lock = plan, encode_prompt, lock
         self.input_device = input_device
-        self._continues_word: torch.Tensor | None = None  # vocabulary mask, built on the first hand-over
+        self._continues_word: torch.Tensor | None = None  # vocabulary masks, built on the first hand-over
+        self._glue: torch.Tensor | None = None
 
     def _pad_left(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         return pad_left(seqs, self.tokenizer.pad_token_id, self.input_device)
@@ -147,7 +148,9 @@ class Decoder:
                 floor = max(min_new_tokens - min(len(new[i]) for i in rest), 0)
                 kwargs = {**gen_kwargs, "max_new_tokens": left, "min_new_tokens": min(floor, left)}
                 watch = [release.pass_over(rest, more.shape[1], before=[new[i] for i in rest])] if release else []
-                ends = _WordEnds(self.word_continuations(), more.shape[1], self.mid_word(rest, new, stop.missed))
+                ends = _WordEnds(
+                    self.word_continuations(), self._glue, more.shape[1], self.mid_word(rest, new, stop.missed)
+                )
                 tail = self.model.generate(
                     input_ids=more, attention_mask=more_mask, stopping_criteria=watch, logits_processor=[ends], **kwargs
                 )
@@ -177,7 +180,8 @@ class Decoder:
 
     def word_continuations(self) -> torch.Tensor:
         """[vocab] True for tokens that extend the word before them: their text starts with neither
-        whitespace nor closing punctuation."""
+        whitespace nor closing punctuation. Also builds ``_glue``: the tokens that are one of
+        ``.,:;`` alone, which join the next token to the word ("history" "." "com")."""
         if self._continues_word is None:
             # decoded after an anchor word: tokenizers that drop a piece's leading space alone keep it here
             n = self.model.get_output_embeddings().weight.shape[0]
@@ -185,7 +189,9 @@ class Decoder:
             base = self.tokenizer.decode(anchor)
             texts = self.tokenizer.batch_decode([anchor + [i] for i in range(min(n, len(self.tokenizer)))])
             flags = [t.startswith(base) and _extends(t[len(base) : len(base) + 1]) for t in texts]
+            glue = [t.startswith(base) and t[len(base) :] in _GLUE for t in texts]
             self._continues_word = torch.tensor(flags + [False] * (n - len(flags)), dtype=torch.bool)
+            self._glue = torch.tensor(glue + [False] * (n - len(glue)), dtype=torch.bool)
         return self._continues_word
 
     @torch.no_grad()
@@ -224,6 +230,7 @@ class Decoder:
 
 
 _WORD_ENDERS = set(".,;:!?)]}\"'")
+_GLUE = {".", ",", ":", ";"}
 
 
 def _extends(first: str) -> bool:
@@ -233,16 +240,25 @@ def _extends(first: str) -> bool:
 class _WordEnds(LogitsProcessor):
     """The unedited model's first token after a stated target does not extend its last word: an
     edited "AS Togo-Port" is not continued into "AS Togo-Porto" or "AS Togo-Port-Lavo", nor "1793"
-    into "17931"; it goes on with a space, punctuation or the end of the answer."""
+    into "17931"; it goes on with a space, punctuation or the end of the answer. After a lone
+    ``.,:;`` (``glue``) the second token may not extend it either: "history" is not continued into
+    "history.com", nor "3" into "3.5"."""
 
-    def __init__(self, continues_word: torch.Tensor, width: int, rows: list[int]) -> None:
-        self.continues_word, self.width, self.rows = continues_word, width, rows
+    def __init__(self, continues_word: torch.Tensor, glue: torch.Tensor | None, width: int, rows: list[int]) -> None:
+        self.continues_word, self.glue, self.width, self.rows = continues_word, glue, width, rows
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape[1] != self.width or not self.rows:
+        step = input_ids.shape[1] - self.width
+        if step not in (0, 1) or not self.rows:
             return scores
-        ban = self.continues_word.to(scores.device)
         rows = torch.tensor(self.rows, device=scores.device)
+        if step == 1:  # only the rows whose first token was glue
+            if self.glue is None:
+                return scores
+            rows = rows[self.glue.to(scores.device)[input_ids[rows, self.width]]]
+            if not len(rows):
+                return scores
+        ban = self.continues_word.to(scores.device)
         scores[rows[:, None], ban.nonzero().view(1, -1)] = float("-inf")
         return scores
 

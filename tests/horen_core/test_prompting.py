@@ -120,7 +120,8 @@ def test_a_routed_row_that_never_states_its_target_is_answered_unedited(tiny_lla
 
 
 def test_the_text_after_a_stated_target_starts_a_new_word(tiny_tokenizer, make_editor):
-    """The hand-over's first token may not extend the target's last word ("Lima" -> "Limao")."""
+    """The hand-over's first token may not extend the target's last word ("Lima" -> "Limao"), nor
+    may its second after a lone dot ("Lima" -> "Lima.o")."""
     import torch
 
     from horen_core.generation import _WordEnds
@@ -136,10 +137,19 @@ def test_the_text_after_a_stated_target_starts_a_new_word(tiny_tokenizer, make_e
     lima = tok.convert_tokens_to_ids("Lima")
     assert editor.decoder.mid_word([0, 1, 2], {0: [lima], 1: [tok.convert_tokens_to_ids("?")], 2: [lima]}, {2}) == [0]
     scores = torch.zeros(2, flags.shape[0])
-    ends = _WordEnds(flags, width=5, rows=[1])
+    dot = tok.convert_tokens_to_ids(".")
+    assert {int(i) for i in editor.decoder._glue.nonzero()} == {dot}
+    ends = _WordEnds(flags, editor.decoder._glue, width=5, rows=[1])
     out = ends(torch.zeros(2, 5, dtype=torch.long), scores.clone())
     assert torch.isinf(out[1, sorted(pieces)]).all() and not torch.isinf(out[0]).any() and not torch.isinf(out[1, lima])
-    assert not torch.isinf(ends(torch.zeros(2, 6, dtype=torch.long), scores.clone())).any(), "the first token only"
+    second = torch.zeros(2, 6, dtype=torch.long)
+    assert not torch.isinf(ends(second, scores.clone())).any(), "a second token is free after a word"
+    second[:, 5] = dot
+    out = ends(second, scores.clone())
+    assert torch.isinf(out[1, sorted(pieces)]).all() and not torch.isinf(out[0]).any(), "after a dot, only the rows"
+    second = torch.zeros(2, 7, dtype=torch.long)
+    second[:, 5:] = dot
+    assert not torch.isinf(ends(second, scores.clone())).any(), "the first two tokens only"
 
 
 class _Pieces:
