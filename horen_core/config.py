@@ -50,8 +50,8 @@ class HorenConfig:
     # the relation gate's cosine threshold; None = the one fitted with it
     gate_threshold: float | None = None
     # entries after the best a prompt may read, in order, when the gates turn the better ones down
-    # (0: only the best; a question's best key is often another subject's edit of the same relation)
-    runners_up: int = 4
+    # (0: only the best; a question's nearest keys are often other subjects' edits of its relation)
+    runners_up: int = 16
     # the paper's public procedure: fixed max_steps, full-model forward/backward, no early stop
     reference_procedure: bool = False
 

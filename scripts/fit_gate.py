@@ -4,8 +4,8 @@ Pairs of questions about one subject: the same question asked another way (a dat
 and the chat form of the question) must pass; another relation of the subject (KnowEdit's
 Relation_Specificity prompts, another record's question with this record's subject put in, and
 templated questions) must not. The records are split three ways: the map is fitted on the first
-part, its threshold set on the second (the cosine that keeps ``--keep`` of the rephrased questions), and
-the third is only reported. Every subject is the one an edit would infer from its question.
+part, its threshold (``--threshold``, chosen end to end in docs/tuning.md, or the cosine that keeps
+``--keep`` of the rephrased questions) is checked on the second, and the third is only reported. Every subject is the one an edit would infer from its question.
 
     .venv/bin/python scripts/fit_gate.py --data ../shared/data [--model PATH] [--out FILE]
 """
@@ -141,8 +141,9 @@ def main() -> None:
     p.add_argument("--data", default="../shared/data")
     p.add_argument("--model", default=None)
     p.add_argument("--out", default=None, help="gate file (default: horen_core/gates/<model fingerprint>.safetensors)")
+    p.add_argument("--threshold", type=float, default=0.4, help="the gate's cosine threshold")
     p.add_argument(
-        "--keep", type=float, default=0.89, help="share of threshold-split rephrased questions the gate passes"
+        "--keep", type=float, default=None, help="instead, the share of threshold-split rephrased questions it passes"
     )
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--epochs", type=int, default=60)
@@ -174,8 +175,12 @@ def main() -> None:
 
     # set on rephrased questions: the hardest positives (completions' rephrases pass more easily)
     rephrases = cosines([r for r in split("threshold") if r[2] and r[4] == "zsre rephrase"])
-    gate.threshold = round(float(torch.quantile(rephrases, 1 - args.keep)), 4)
-    print(f"threshold {gate.threshold} (keeps {args.keep} of the threshold split's rephrased questions)")
+    if args.keep is None:
+        gate.threshold = args.threshold
+    else:
+        gate.threshold = round(float(torch.quantile(rephrases, 1 - args.keep)), 4)
+    kept = float((rephrases >= gate.threshold).float().mean())
+    print(f"threshold {gate.threshold} (keeps {kept:.3f} of the threshold split's rephrased questions)")
     for name in ("fit", "threshold", "report"):
         rows = split(name)
         for kind, n in sorted(Counter(r[4] for r in rows).items()):
