@@ -140,14 +140,14 @@ def edit_many(editor: HorenEditor, facts: Sequence[Fact | tuple], batch: int) ->
     return out
 
 
-def _scratch(editor: HorenEditor, queries: torch.Tensor | None, n: int) -> GatedRouter:
+def _scratch(editor: HorenEditor, queries: torch.Tensor, n: int) -> GatedRouter:
     """Routing over a scratch copy of the entries that ``n`` edits with these unit queries can
     reach (each query's nearest ``hopfield_support`` + ``n`` keys: the ones it attends however
     those edits change the keys; every entry when the support is all keys), gated like
     ``the editor's routing``; the edits are played on it without touching the codebook."""
     cb = editor.codebook
     support = editor.config.hopfield_support
-    if queries is None or not len(cb):
+    if not len(cb):
         ids: list[int] = []
     elif not support or len(cb) <= support + n:
         ids = cb.row_entry_ids.tolist()

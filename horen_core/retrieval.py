@@ -150,11 +150,7 @@ class HopfieldRetriever:
     ) -> Routing:
         """``routing`` with the ``m`` best rows of scores ``s`` [B, n] after the chosen ``pos``."""
         s = s.scatter(1, pos[:, None], float("-inf"))
-        m = min(m, s.shape[1] - 1)
-        if m <= 0:
-            pad = torch.full((s.shape[0], 0), -1, dtype=torch.long, device=s.device)
-            return Routing(routing.rows, routing.scores, pad, s[:, :0])
-        top, at = s.topk(m, dim=-1)
+        top, at = s.topk(max(min(m, s.shape[1] - 1), 0), dim=-1)
         rows = rows_of.gather(1, at) if rows_of is not None else at
         rows = torch.where(top >= self.threshold, rows, -1)
         return Routing(routing.rows, routing.scores, rows, top)
