@@ -188,7 +188,7 @@ class Decoder:
             anchor = self.tokenizer("a", add_special_tokens=False)["input_ids"][:1]
             base = self.tokenizer.decode(anchor)
             texts = self.tokenizer.batch_decode([anchor + [i] for i in range(min(n, len(self.tokenizer)))])
-            flags = [t.startswith(base) and _extends(t[len(base) : len(base) + 1]) for t in texts]
+            flags = [t.startswith(base) and _extends(t[len(base) : len(base) + 2]) for t in texts]
             glue = [t.startswith(base) and t[len(base) :] in _GLUE for t in texts]
             self._continues_word = torch.tensor(flags + [False] * (n - len(flags)), dtype=torch.bool)
             self._glue = torch.tensor(glue + [False] * (n - len(glue)), dtype=torch.bool)
@@ -233,14 +233,20 @@ _WORD_ENDERS = set(".,;:!?)]}\"'")
 _GLUE = {".", ",", ":", ";"}
 
 
-def _extends(first: str) -> bool:
+def _extends(text: str) -> bool:
+    """Whether a token whose text starts with ``text`` (its first two characters) extends the word
+    before it; an apostrophe and a letter does ("India" "'s" would make the edited fact a possessive)."""
+    first = text[:1]
+    if first in "'’" and text[1:2].isalpha():
+        return True
     return bool(first) and not first.isspace() and first not in _WORD_ENDERS
 
 
 class _WordEnds(LogitsProcessor):
     """The unedited model's first token after a stated target does not extend its last word: an
-    edited "AS Togo-Port" is not continued into "AS Togo-Porto" or "AS Togo-Port-Lavo", nor "1793"
-    into "17931"; it goes on with a space, punctuation or the end of the answer. After a lone
+    edited "AS Togo-Port" is not continued into "AS Togo-Porto" or "AS Togo-Port-Lavo", "1793"
+    into "17931" or "India" into "India's"; it goes on with a space, punctuation or the end of the
+    answer. After a lone
     ``.,:;`` (``glue``) the second token may not extend it either: "history" is not continued into
     "history.com", nor "3" into "3.5"."""
 

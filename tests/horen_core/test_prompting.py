@@ -152,6 +152,13 @@ def test_the_text_after_a_stated_target_starts_a_new_word(tiny_tokenizer, make_e
     assert not torch.isinf(ends(second, scores.clone())).any(), "the first two tokens only"
 
 
+def test_what_extends_a_word_after_a_stated_target():
+    from horen_core.generation import _extends
+
+    assert _extends("o") and _extends("-P") and _extends("'s") and _extends("’s")
+    assert not any(_extends(t) for t in (" o", "\n", ".", ". ", ",", "'", "' ", "?", ""))
+
+
 class _Pieces:
     """A tokenizer whose ids index a list of text pieces."""
 
