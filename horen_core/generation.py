@@ -78,8 +78,7 @@ class Decoder:
         self.model, self.tokenizer, self.codebook = model, tokenizer, codebook
         self.plan, self.encode_prompt, self.lock = plan, encode_prompt, lock
         self.input_device = input_device
-        self._continues_word: torch.Tensor | None = None  # vocabulary masks, built on the first hand-over
-        self._glue: torch.Tensor | None = None
+        self._word_masks: tuple[torch.Tensor, torch.Tensor] | None = None  # built on the first hand-over
 
     def _pad_left(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         return pad_left(seqs, self.tokenizer.pad_token_id, self.input_device)
@@ -148,9 +147,7 @@ class Decoder:
                 floor = max(min_new_tokens - min(len(new[i]) for i in rest), 0)
                 kwargs = {**gen_kwargs, "max_new_tokens": left, "min_new_tokens": min(floor, left)}
                 watch = [release.pass_over(rest, more.shape[1], before=[new[i] for i in rest])] if release else []
-                ends = _WordEnds(
-                    self.word_continuations(), self._glue, more.shape[1], self.mid_word(rest, new, stop.missed)
-                )
+                ends = _WordEnds(*self.word_masks(), more.shape[1], self.mid_word(rest, new, stop.missed))
                 tail = self.model.generate(
                     input_ids=more, attention_mask=more_mask, stopping_criteria=watch, logits_processor=[ends], **kwargs
                 )
@@ -178,11 +175,11 @@ class Decoder:
                 out.append(b)
         return out
 
-    def word_continuations(self) -> torch.Tensor:
-        """[vocab] True for tokens that extend the word before them: their text starts with neither
-        whitespace nor closing punctuation. Also builds ``_glue``: the tokens that are one of
+    def word_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two [vocab] masks: the tokens that extend the word before them (their text starts with
+        neither whitespace nor closing punctuation, ``_extends``), and the glue tokens, one of
         ``.,:;`` alone, which join the next token to the word ("history" "." "com")."""
-        if self._continues_word is None:
+        if self._word_masks is None:
             # decoded after an anchor word: tokenizers that drop a piece's leading space alone keep it here
             n = self.model.get_output_embeddings().weight.shape[0]
             anchor = self.tokenizer("a", add_special_tokens=False)["input_ids"][:1]
@@ -190,9 +187,9 @@ class Decoder:
             texts = self.tokenizer.batch_decode([anchor + [i] for i in range(min(n, len(self.tokenizer)))])
             flags = [t.startswith(base) and _extends(t[len(base) : len(base) + 2]) for t in texts]
             glue = [t.startswith(base) and t[len(base) :] in _GLUE for t in texts]
-            self._continues_word = torch.tensor(flags + [False] * (n - len(flags)), dtype=torch.bool)
-            self._glue = torch.tensor(glue + [False] * (n - len(glue)), dtype=torch.bool)
-        return self._continues_word
+            pad = [False] * (n - len(flags))
+            self._word_masks = (torch.tensor(flags + pad, dtype=torch.bool), torch.tensor(glue + pad, dtype=torch.bool))
+        return self._word_masks
 
     @torch.no_grad()
     def forward_logits(
@@ -246,11 +243,10 @@ class _WordEnds(LogitsProcessor):
     """The unedited model's first token after a stated target does not extend its last word: an
     edited "AS Togo-Port" is not continued into "AS Togo-Porto" or "AS Togo-Port-Lavo", "1793"
     into "17931" or "India" into "India's"; it goes on with a space, punctuation or the end of the
-    answer. After a lone
-    ``.,:;`` (``glue``) the second token may not extend it either: "history" is not continued into
-    "history.com", nor "3" into "3.5"."""
+    answer. After a lone ``.,:;`` (``glue``) the second token may not extend it either: "history"
+    is not continued into "history.com", nor "3" into "3.5"."""
 
-    def __init__(self, continues_word: torch.Tensor, glue: torch.Tensor | None, width: int, rows: list[int]) -> None:
+    def __init__(self, continues_word: torch.Tensor, glue: torch.Tensor, width: int, rows: list[int]) -> None:
         self.continues_word, self.glue, self.width, self.rows = continues_word, glue, width, rows
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -259,8 +255,6 @@ class _WordEnds(LogitsProcessor):
             return scores
         rows = torch.tensor(self.rows, device=scores.device)
         if step == 1:  # only the rows whose first token was glue
-            if self.glue is None:
-                return scores
             rows = rows[self.glue.to(scores.device)[input_ids[rows, self.width]]]
             if not len(rows):
                 return scores

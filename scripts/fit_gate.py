@@ -5,7 +5,8 @@ and the chat form of the question) must pass; another relation of the subject (K
 Relation_Specificity prompts, another record's question with this record's subject put in, and
 templated questions) must not. The records are split three ways: the map is fitted on the first
 part, its threshold (``--threshold``, chosen end to end in docs/tuning.md, or the cosine that keeps
-``--keep`` of the rephrased questions) is checked on the second, and the third is only reported. Every subject is the one an edit would infer from its question.
+``--keep`` of the rephrased questions) is checked on the second, and the third is only reported.
+Every subject is the one an edit would infer from its question.
 
     .venv/bin/python scripts/fit_gate.py --data ../shared/data [--model PATH] [--out FILE]
 """

@@ -131,15 +131,15 @@ def test_the_text_after_a_stated_target_starts_a_new_word(tiny_tokenizer, make_e
     tok.add_tokens(["##o", "##s", "##-"])
     model = build_tiny_model("llama", len(tok))
     editor = make_editor(model, tok, HorenConfig(layer=1))
-    flags = editor.decoder.word_continuations()
+    flags, glue = editor.decoder.word_masks()
     pieces = {tok.convert_tokens_to_ids(t) for t in ("##o", "##s", "##-")}
     assert {int(i) for i in flags.nonzero()} == pieces, "only the word pieces extend a word (not '.' or '?')"
     lima = tok.convert_tokens_to_ids("Lima")
     assert editor.decoder.mid_word([0, 1, 2], {0: [lima], 1: [tok.convert_tokens_to_ids("?")], 2: [lima]}, {2}) == [0]
     scores = torch.zeros(2, flags.shape[0])
     dot = tok.convert_tokens_to_ids(".")
-    assert {int(i) for i in editor.decoder._glue.nonzero()} == {dot}
-    ends = _WordEnds(flags, editor.decoder._glue, width=5, rows=[1])
+    assert {int(i) for i in glue.nonzero()} == {dot}
+    ends = _WordEnds(flags, glue, width=5, rows=[1])
     out = ends(torch.zeros(2, 5, dtype=torch.long), scores.clone())
     assert torch.isinf(out[1, sorted(pieces)]).all() and not torch.isinf(out[0]).any() and not torch.isinf(out[1, lima])
     second = torch.zeros(2, 6, dtype=torch.long)
