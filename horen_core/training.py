@@ -2,7 +2,9 @@
 (and the edited layer itself) run once per edit, because their activations do not depend on the
 value; each step then runs the layers above on that cached hidden state, with the value added at
 the question's last token, and projects to logits only at the target positions. Models without
-that fast path (and the reference procedure) run the full model each step."""
+that fast path (and the reference procedure) run the full model each step. After the first step a
+step scores each target position's shortlist of tokens instead of the whole vocabulary
+(``_Scores``); a value is accepted only on the whole vocabulary's verdict."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from torch import nn
 
 from horen_core.config import HorenConfig
 from horen_core.layer import HorenLayer, InjectPlan, activate, compute_queries
-from horen_core.modeling import ModelAdapter
+from horen_core.modeling import Head, ModelAdapter
 from horen_core.prompting import ChatFormat, Rendered, Tokens
 
 
@@ -157,10 +159,22 @@ class ValueTrainer:
         found["x"] = plan.captured
         return found
 
+    def shortlists(self, contexts: Sequence[_Context]) -> int:
+        """How many tokens besides the target a training step of these contexts scores per target
+        position: ``HorenConfig.shortlist``; 0 (the whole vocabulary) where the layers above give
+        no features (the full model's route) or the LM head is not a linear map."""
+        head = self.adapter.lm_head
+        if not self.config.shortlist or self.config.reference_procedure or not isinstance(head, nn.Linear):
+            return 0
+        if any(c.hidden is None for c in contexts):
+            return 0
+        return min(self.config.shortlist, head.out_features - 1)
+
     def train_value(self, contexts: list[_Context], init: torch.Tensor | None) -> tuple[torch.Tensor, int, float]:
         """One value for every context: the mean cross-entropy of the target tokens over them.
         Stops once every context decodes the target greedily and the mean NLL is below
-        ``stop_loss`` (or after ``max_steps``)."""
+        ``stop_loss`` (or after ``max_steps``); with a shortlist (``_Scores``) that verdict is
+        taken on the whole vocabulary."""
         cfg = self.config
         dv = self.value_dim
         value = (init.clone() if init is not None else torch.zeros(dv, device=self.device)).float()
@@ -168,22 +182,25 @@ class ValueTrainer:
         opt = torch.optim.Adam([value], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
         steps, loss_value = 0, float("nan")
         forward = self.forwards.contexts(contexts)
-        targets = [torch.tensor(c.target, device=self.device) for c in contexts]
+        scores = _Scores(self.adapter.lm_head, contexts, [0] * len(contexts), self.shortlists(contexts), self.device)
+        head = _FEATURES if scores.k else None
         for step in range(cfg.max_steps + 1):
-            losses, solved = [], True
-            for logits, target in zip(forward(value), targets):
-                logits = logits.float()
-                losses.append(F.cross_entropy(logits, target))
-                solved &= bool((logits.argmax(-1) == target).all())
-            loss = torch.stack(losses).mean()
-            loss_value = float(loss.detach())
-            if step == cfg.max_steps:
-                break
-            if solved and loss_value < cfg.stop_loss and not cfg.reference_procedure:
+            out = torch.cat(forward(value, head))
+            losses, solved = scores(out)
+            loss_value = float(losses[0].detach())
+            done = step == cfg.max_steps or (
+                bool(solved[0]) and loss_value < cfg.stop_loss and not cfg.reference_procedure
+            )
+            if done and scores.shortlisted:  # the shortlist's verdict, taken on the whole vocabulary
+                full_loss, full_solved = scores.confirm(out.detach(), [0], cfg.stop_loss)
+                loss_value = float(full_loss[0])
+                done = step == cfg.max_steps or (bool(full_solved[0]) and loss_value < cfg.stop_loss)
+            if done:
                 break
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            losses[0].backward()
             opt.step()
+            scores.advance()
             steps += 1
         del opt, forward
         return value.detach(), steps, loss_value
@@ -209,15 +226,27 @@ class ValueTrainer:
         inits = [init.clone() if init is not None else torch.zeros(dv, device=self.device) for _, init in edits]
         value = torch.stack(inits).float().requires_grad_(True)
         opt = torch.optim.Adam([value], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
-        packed = _Packed(self.forwards, [edits[k][0] for k in active], caches)
+        k = self.shortlists([c for cs, _ in edits for c in cs])
+        drawn: dict[int, torch.Tensor] = {}  # each context's shortlist, by id, once drawn
+        packed = _Packed(self.forwards, [edits[a][0] for a in active], caches)
+        scores = _Scores(self.adapter.lm_head, packed.contexts, packed.owner_list, k, self.device, drawn)
         for step in range(cfg.max_steps + 1):
-            losses, solved = packed.losses(value)
+            feats = packed.features(value) if k else packed.logits(value)
+            losses, solved = scores(feats)
             stats = torch.stack([losses.detach(), solved.float()]).cpu().tolist()
             finished = [
                 a
                 for a, (loss_a, ok) in enumerate(zip(*stats))
                 if step == cfg.max_steps or (ok and loss_a < cfg.stop_loss)
             ]
+            if finished and scores.shortlisted:  # the shortlist's verdict, taken on the whole vocabulary
+                full_loss, full_solved = scores.confirm(feats.detach(), finished, cfg.stop_loss)
+                confirmed = []
+                for a, loss_a, ok in zip(finished, full_loss, full_solved):
+                    stats[0][a] = loss_a
+                    if step == cfg.max_steps or (ok and loss_a < cfg.stop_loss):
+                        confirmed.append(a)
+                finished = confirmed
             for a in finished:
                 out[active[a]] = (value[a].detach().clone(), step, stats[0][a])
             if len(finished) == len(active):
@@ -227,6 +256,7 @@ class ValueTrainer:
             loss = losses[keep].sum() if finished else losses.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            scores.advance()
             if finished:  # the solved values leave: the others go on with their own Adam state
                 pick = torch.tensor(keep, device=value.device)
                 kept = value.detach().index_select(0, pick).requires_grad_(True)
@@ -239,22 +269,140 @@ class ValueTrainer:
                         for k, v in state.items()
                     }
                 value, active = kept, [active[a] for a in keep]
-                packed = _Packed(self.forwards, [edits[k][0] for k in active], caches)
+                packed = _Packed(self.forwards, [edits[a][0] for a in active], caches)
+                scores = _Scores(self.adapter.lm_head, packed.contexts, packed.owner_list, k, self.device, drawn)
             opt.step()
-        del opt, packed
+        del opt, packed, scores
         return [r for r in out if r is not None]
+
+
+_FEATURES = nn.Identity()  # as the head of the layers above: their final-normed states
+
+
+class _Scores:
+    """Each edit's loss (the mean over its contexts of the target's mean cross-entropy) and
+    whether greedy decoding gives the target in every context of it, from the final-normed states
+    at the contexts' target positions, packed in order (or from their logits, ``k`` 0).
+
+    With ``k`` > 0 a step scores each target position's shortlist: the target and the ``k`` tokens
+    the model ranked highest there when it was drawn (from the full logits of the first step, and
+    again wherever the whole vocabulary overturns a verdict). A step then costs [n, k + 1] logits
+    instead of [n, vocab], most of a small model's step (its LM head is the largest matrix it
+    reads). ``confirm`` takes a verdict on the whole vocabulary, so a value is only ever accepted
+    as it is without a shortlist; the shortlist changes the path to it, not the test."""
+
+    def __init__(
+        self,
+        lm_head: nn.Module,
+        contexts: Sequence[_Context],
+        owners: Sequence[int],
+        k: int,
+        device: torch.device,
+        drawn: dict[int, torch.Tensor] | None = None,
+    ) -> None:
+        self.lm_head, self.contexts, self.k, self.device = lm_head, list(contexts), k, device
+        self.drawn = {} if drawn is None else drawn  # each context's shortlist [m, k + 1], by id
+        lengths = [len(c.target) for c in self.contexts]
+        self.n_edits = max(owners) + 1
+        self.targets = torch.tensor([t for c in self.contexts for t in c.target], device=device)
+        self.rows = torch.tensor([i for i, m in enumerate(lengths) for _ in range(m)], device=device)
+        self.owner = torch.tensor(list(owners), device=device)
+        self.ctx_len = torch.tensor(lengths, device=device, dtype=torch.float32)
+        self.n_ctx = torch.bincount(self.owner, minlength=self.n_edits).to(torch.float32)
+        self.bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()
+        self.weight = self.bias = self.columns = None
+        self._last: torch.Tensor | None = None  # the full logits of the step before, to draw from
+        self._gather()
+
+    @property
+    def shortlisted(self) -> bool:
+        return self.weight is not None
+
+    def _gather(self) -> None:
+        """The head's rows the shortlists name (their union: every position's restricted logits are
+        columns of one product, which is never larger than the full head's)."""
+        if not self.k or any(id(c) not in self.drawn for c in self.contexts):
+            self.weight = self.bias = self.columns = None
+            return
+        tokens = torch.cat([self.drawn[id(c)] for c in self.contexts])
+        weight, bias = self.lm_head.weight, self.lm_head.bias
+        union, self.columns = torch.unique(tokens, return_inverse=True)
+        if 2 * len(union) > weight.shape[0]:  # most of the vocabulary: read the head as it is
+            self.weight, self.bias, self.columns = weight, bias, tokens
+            return
+        self.weight = weight.index_select(0, union)
+        self.bias = bias.index_select(0, union) if bias is not None else None
+
+    def _draw(self, logits: torch.Tensor, contexts: Sequence[int]) -> None:
+        """Shortlists of these contexts (by position) from full logits at every target position."""
+        for i in contexts:
+            lo, hi = self.bounds[i], self.bounds[i + 1]
+            target = self.targets[lo:hi, None]
+            others = logits[lo:hi].detach().float().scatter(1, target, float("-inf"))
+            self.drawn[id(self.contexts[i])] = torch.cat([target, others.topk(self.k, dim=-1).indices], dim=1)
+
+    def __call__(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[K] losses (with grad) and [K] solved (bool) from this step's states (logits, ``k`` 0)."""
+        if self.weight is None:
+            logits = (self.lm_head(out) if self.k else out).float()
+            target = self.targets
+            if self.k:
+                self._last = logits.detach()
+        else:
+            logits = F.linear(out, self.weight, self.bias).gather(1, self.columns).float()
+            target = torch.zeros_like(self.targets)  # the target is each shortlist's first token
+        token_loss = F.cross_entropy(logits, target, reduction="none")
+        return self._per_edit(token_loss, (logits.argmax(-1) != target).float())
+
+    def _per_edit(self, token_loss: torch.Tensor, wrong: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n_ctx = len(self.contexts)
+        ctx_loss = torch.zeros(n_ctx, device=token_loss.device).index_add_(0, self.rows, token_loss) / self.ctx_len
+        ctx_wrong = torch.zeros(n_ctx, device=token_loss.device).index_add_(0, self.rows, wrong)
+        edit_loss = torch.zeros(self.n_edits, device=token_loss.device).index_add_(0, self.owner, ctx_loss)
+        edit_wrong = torch.zeros(self.n_edits, device=token_loss.device).index_add_(0, self.owner, ctx_wrong)
+        return edit_loss / self.n_ctx, edit_wrong == 0
+
+    def advance(self) -> None:
+        """After a step on the full vocabulary, draw every shortlist from its logits."""
+        if self.k and self.weight is None and self._last is not None:
+            self._draw(self._last, [i for i, c in enumerate(self.contexts) if id(c) not in self.drawn])
+            self._last = None
+            self._gather()
+
+    @torch.no_grad()
+    def confirm(self, feats: torch.Tensor, edits: Sequence[int], stop_loss: float) -> tuple[list[float], list[bool]]:
+        """The whole vocabulary's loss and verdict (greedy gives the target) for these edits (by
+        position) from this step's states, over their rows only; the contexts of an edit that
+        fails it (not solved, or a loss not below ``stop_loss``) get new shortlists."""
+        asked = torch.zeros(self.n_edits, dtype=torch.bool, device=self.owner.device)
+        asked[list(edits)] = True
+        sel = asked[self.owner][self.rows]  # the asked edits' target positions
+        logits = self.lm_head(feats[sel]).float()
+        token_loss, wrong = torch.zeros(len(sel), device=logits.device), torch.ones(len(sel), device=logits.device)
+        token_loss[sel] = F.cross_entropy(logits, self.targets[sel], reduction="none")
+        wrong[sel] = (logits.argmax(-1) != self.targets[sel]).float()
+        losses, solved = (t.cpu().tolist() for t in self._per_edit(token_loss, wrong))
+        overturned = {e for e in edits if not (solved[e] and losses[e] < stop_loss)}
+        redraw = [i for i, e in enumerate(self.owner.tolist()) if e in overturned]
+        if redraw:
+            full = torch.zeros(len(sel), logits.shape[1], device=logits.device)
+            full[sel] = logits
+            self._draw(full, redraw)
+            self._gather()
+        return [losses[e] for e in edits], [solved[e] for e in edits]
 
 
 class _Packed:
     """Every context of several edits as the rows of one padded pass over the layers above (each
     row's prefix from the cache, its suffix right-padded), built once per set of edits: values
-    [K, dv] -> the logits at every context's target positions, packed, and each edit's loss."""
+    [K, dv] -> the final-normed states (or logits) at every context's target positions, packed in
+    order (``_Scores`` takes them from there)."""
 
     def __init__(self, forwards: ValueForwards, edits: list[list[_Context]], caches: dict[int, object]) -> None:
         self.forwards = forwards
         adapter, device, dtype = forwards.adapter, forwards.device, forwards.model_dtype
         self.contexts = [c for cs in edits for c in cs]
-        owner = [k for k, cs in enumerate(edits) for _ in cs]
+        self.owner_list = [k for k, cs in enumerate(edits) for _ in cs]  # each context's edit
         starts = [c.rendered.end - 1 for c in self.contexts]
         suffixes = [c.hidden[0, p:] for c, p in zip(self.contexts, starts)]
         self.batch = adapter.suffix_batch([caches[id(c)] for c in self.contexts], starts, [len(x) for x in suffixes])
@@ -271,29 +419,16 @@ class _Packed:
             cols += range(first, first + len(c.target))
         self.rows = torch.tensor(rows, device=device)  # each target token's context (its row)
         self.cols = torch.tensor(cols, device=device)
-        self.owner = torch.tensor(owner, device=device)
-        self.targets = torch.tensor([t for c in self.contexts for t in c.target], device=device)
-        self.ctx_len = torch.tensor([len(c.target) for c in self.contexts], device=device, dtype=torch.float32)
-        self.n_ctx = torch.bincount(self.owner, minlength=len(edits)).to(torch.float32)
-        self.n_edits = len(edits)
+        self.owner = torch.tensor(self.owner_list, device=device)
 
-    def logits(self, values: torch.Tensor) -> torch.Tensor:
-        """[sum of target lengths, vocab]: each context's logits at its target positions, in order."""
+    def logits(self, values: torch.Tensor, head: Head | None = None) -> torch.Tensor:
+        """[sum of target lengths, vocab]: each context's logits (or ``head`` of its final-normed
+        states) at its target positions, in order."""
         h = self.base + self.onehot * values.to(self.base.dtype).index_select(0, self.owner)[:, None, :]
-        return self.forwards.adapter.upper_logits_padded(h, self.batch, self.rows, self.cols)
+        return self.forwards.adapter.upper_logits_padded(h, self.batch, self.rows, self.cols, head)
 
-    def losses(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each edit's mean over its contexts of the target's cross-entropy [K], and whether greedy
-        decoding gives the target in every context of it [K] (bool)."""
-        logits = self.logits(values).float()
-        token_loss = F.cross_entropy(logits, self.targets, reduction="none")
-        wrong = (logits.argmax(-1) != self.targets).float()
-        n_ctx = len(self.contexts)
-        ctx_loss = torch.zeros(n_ctx, device=logits.device).index_add_(0, self.rows, token_loss) / self.ctx_len
-        ctx_wrong = torch.zeros(n_ctx, device=logits.device).index_add_(0, self.rows, wrong)
-        edit_loss = torch.zeros(self.n_edits, device=logits.device).index_add_(0, self.owner, ctx_loss) / self.n_ctx
-        edit_wrong = torch.zeros(self.n_edits, device=logits.device).index_add_(0, self.owner, ctx_wrong)
-        return edit_loss, edit_wrong == 0
+    def features(self, values: torch.Tensor) -> torch.Tensor:
+        return self.logits(values, _FEATURES)
 
 
 class ValueForwards:
@@ -351,8 +486,9 @@ class ValueForwards:
             )
         return bool(self._batched_ok)
 
-    def contexts(self, contexts: list[_Context]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
-        """value -> each context's logits at its target positions: one batched pass over the layers
+    def contexts(self, contexts: list[_Context]) -> Callable[..., list[torch.Tensor]]:
+        """(value, head=None) -> each context's logits (or ``head`` of the final-normed states,
+        where every context has the fast path's hidden state) at its target positions: one batched pass over the layers
         above when every context can use the prefix cache (checked once against separate passes),
         else one pass per context."""
         spans = [(c.rendered.end - 1, len(c.rendered.ids) - 1, len(c.target)) for c in contexts]
@@ -366,8 +502,8 @@ class ValueForwards:
             return self.batched(contexts, spans)
         singles = [self.step(c.ids, p, first, m, c.hidden) for c, (p, first, m) in zip(contexts, spans)]
 
-        def each(value: torch.Tensor) -> list[torch.Tensor]:
-            return [f(value) for f in singles]
+        def each(value: torch.Tensor, head: Head | None = None) -> list[torch.Tensor]:
+            return [f(value, head) for f in singles]
 
         if batchable and self._prefix_cache_ok:  # verify once that batching changes nothing
             batched = self.batched(contexts, spans)
@@ -382,9 +518,7 @@ class ValueForwards:
                 return batched
         return each
 
-    def batched(
-        self, contexts: list[_Context], spans: list[tuple[int, int, int]]
-    ) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    def batched(self, contexts: list[_Context], spans: list[tuple[int, int, int]]) -> Callable[..., list[torch.Tensor]]:
         dtype = self.model_dtype
         caches = [self.adapter.prefix_cache(c.hidden[:, :p]) for c, (p, _, _) in zip(contexts, spans)]
         suffixes = [c.hidden[:, p:] for c, (p, _, _) in zip(contexts, spans)]
@@ -397,23 +531,25 @@ class ValueForwards:
             onehot[0, 0] = 1
             onehots.append(onehot)
 
-        def batched(value: torch.Tensor) -> list[torch.Tensor]:
+        def batched(value: torch.Tensor, head: Head | None = None) -> list[torch.Tensor]:
             v = value.to(dtype)
             rows = [x + onehot * v for x, onehot in zip(suffixes, onehots)]
-            return self.adapter.upper_logits_batched(rows, batch, positions)
+            return self.adapter.upper_logits_batched(rows, batch, positions, head)
 
         return batched
 
     def step(
         self, seq: list[int], p: int, first: int, count: int, hidden: torch.Tensor | None
-    ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """value (added at position ``p``) -> logits [count, vocab] at positions first.., by the
-        cheapest exact route."""
+    ) -> Callable[..., torch.Tensor]:
+        """(value added at position ``p``, head=None) -> logits [count, vocab] at positions first..
+        (or ``head`` of the final-normed states, where ``hidden`` is given), by the cheapest exact route."""
         dtype = self.model_dtype
         ids = torch.tensor([seq], device=self.input_device)
         if hidden is None:  # the full model (reference procedure, or a family without a fast path)
 
-            def full(value: torch.Tensor) -> torch.Tensor:
+            def full(value: torch.Tensor, head: Head | None = None) -> torch.Tensor:
+                if head is not None:
+                    raise ValueError("the full model's route gives logits only")
                 plan = InjectPlan(self.layer, positions=torch.tensor([p]), values=value[None])
                 with activate(plan):
                     return self.model(input_ids=ids).logits[0, first : first + count]
@@ -427,9 +563,9 @@ class ValueForwards:
             onehot[0, 0] = 1
             lo = first - p
 
-            def cached(value: torch.Tensor) -> torch.Tensor:
+            def cached(value: torch.Tensor, head: Head | None = None) -> torch.Tensor:
                 out = self.adapter.upper_logits_suffix(
-                    suffix + onehot * value.to(dtype), p, cache, slice(lo, lo + count)
+                    suffix + onehot * value.to(dtype), p, cache, slice(lo, lo + count), head
                 )
                 return out[0]
 
@@ -447,7 +583,8 @@ class ValueForwards:
         onehot = torch.zeros(1, s, 1, device=self.device, dtype=dtype)
         onehot[0, p] = 1
 
-        def upper(value: torch.Tensor) -> torch.Tensor:
-            return self.adapter.upper_logits(hidden + onehot * value.to(dtype), slice(first, first + count))[0]
+        def upper(value: torch.Tensor, head: Head | None = None) -> torch.Tensor:
+            h = hidden + onehot * value.to(dtype)
+            return self.adapter.upper_logits(h, slice(first, first + count), head)[0]
 
         return upper
