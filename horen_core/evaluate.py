@@ -229,28 +229,35 @@ def score(editor: HorenEditor, records: Sequence[EditRecord], baseline_loc: Sequ
 
 
 def routes(editor: HorenEditor, records: Sequence[EditRecord], edit_ids: Sequence[int | None]) -> list[dict]:
-    """Per record, where its prompt and its rephrase are routed: ``own`` (the entry its edit is in),
-    ``other`` (another entry) or ``none``; a record whose edit is no longer in the codebook gets
-    none of these."""
+    """Per record, where its prompt, its rephrase and its locality prompt are routed: ``own`` (the
+    entry its edit is in), ``other`` (another entry) or ``none``; a locality prompt routed to
+    another entry is ``named`` instead where that entry's edit has a subject the prompt names (a
+    neighbour whose own fact was edited too, rightly routed). A record whose edit is no longer in
+    the codebook gets none of these."""
     own = [editor.codebook.entry_of_edit(e) if e is not None else None for e in edit_ids]
     rows: list[dict] = [{} for _ in records]
     for key, idx in (
         ("rewrite_route", [i for i in range(len(records)) if own[i] is not None]),
         ("rephrase_route", [i for i in range(len(records)) if own[i] is not None and records[i].rephrase]),
+        ("locality_route", [i for i in range(len(records)) if own[i] is not None and records[i].loc_prompt]),
     ):
-        prompts = [records[i].prompt if key == "rewrite_route" else records[i].rephrase for i in idx]
-        for i, g in zip(idx, answers(editor, prompts, 1)):
-            rows[i][key] = "none" if g.entry_id is None else "own" if g.entry_id == own[i] else "other"
+        field = {"rewrite_route": "prompt", "rephrase_route": "rephrase", "locality_route": "loc_prompt"}[key]
+        prompts = [getattr(records[i], field) for i in idx]
+        for i, p, g in zip(idx, prompts, answers(editor, prompts, 1)):
+            route = "none" if g.entry_id is None else "own" if g.entry_id == own[i] else "other"
+            subject = editor.store.subjects.get(g.edit_id, "") if route == "other" else ""
+            rows[i][key] = "named" if key == "locality_route" and subject and subject.lower() in p.lower() else route
     return rows
 
 
 def summarize_routes(rows: list[dict]) -> dict:
-    """The share of each route (``routes``) of the prompts and of the rephrases."""
+    """The share of each route (``routes``) of the prompts, the rephrases and the locality prompts."""
     out = {}
-    for key in ("rewrite_route", "rephrase_route"):
+    for key in ("rewrite_route", "rephrase_route", "locality_route"):
         got = [r[key] for r in rows if key in r]
+        kinds = ("own", "other", "none") + (("named",) if key == "locality_route" else ())
         if got:
-            out[key + "s"] = {k: round(got.count(k) / len(got), 4) for k in ("own", "other", "none")}
+            out[key + "s"] = {k: round(got.count(k) / len(got), 4) for k in kinds}
     return out
 
 

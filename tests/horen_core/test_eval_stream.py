@@ -116,3 +116,26 @@ def test_eval_saves_progress_and_a_longer_run_resumes_it(tmp_path, tiny_llama):
     data.write_text(json.dumps(rows))  # another stream: refused, not mixed with the saved one
     with pytest.raises(SystemExit, match="another stream"):
         eval_main([*common, "--n", "10"])
+
+
+def test_a_routed_locality_prompt_says_whether_it_names_the_edit_it_reads(tiny_llama, make_editor):
+    """A locality prompt routed to another edit is ``named`` where that edit's subject is in the
+    prompt (its own fact was edited too) and ``other`` where it is not: a collision."""
+    from horen_core.evaluate import routes, summarize_routes
+
+    model, tokenizer = tiny_llama
+    editor = make_editor(model, tokenizer, HorenConfig(layer=1, lr=1.0, stop_loss=0.3, relation_gate=False))
+    alice = editor.edit("Alice plays the game of", "chess", subject="Alice").edit_id
+    bob = editor.edit("the river in Cairo is", "Nile", subject="").edit_id
+    records = [
+        # its locality prompt is Bob's edited prompt (no subject): a collision
+        EditRecord("Alice plays the game of", "chess", None, "the river in Cairo is", "x"),
+        # its locality prompt is Alice's edited prompt, which names her: rightly routed
+        EditRecord("the river in Cairo is", "Nile", None, "Alice plays the game of", "x"),
+    ]
+    rows = routes(editor, records, [alice, bob])
+    assert [r["locality_route"] for r in rows] == ["other", "named"]
+    assert [r["rewrite_route"] for r in rows] == ["own", "own"]
+    assert summarize_routes(rows)["locality_routes"] == {"own": 0.0, "other": 0.5, "none": 0.0, "named": 0.5}
+    gone = routes(editor, records, [None, bob])  # a record whose edit is gone is not routed at all
+    assert "locality_route" not in gone[0] and gone[1]["locality_route"] == "named"
