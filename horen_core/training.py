@@ -106,17 +106,17 @@ class ValueTrainer:
         ctx.span_x = found["x"][0, r.start : r.end]
 
     def prepare_many(self, contexts: Sequence[_Context], rows: int = 64) -> None:
-        """``prepare`` of many contexts, ``rows`` at a time in one lower pass each where the fast
-        path holds: right-padded to the longest (causal attention keeps the padding out of every
-        real position, so no mask is needed) and sorted by length to pad little."""
+        """``prepare`` of many contexts, up to ``rows`` at a time in one lower pass each where the
+        fast path holds: right-padded to the longest (causal attention keeps the padding out of
+        every real position, so no mask is needed), rows of like length together (``_groups``)."""
         fast = self.adapter.supports_fast_path and not self.config.reference_procedure and not self.multi_device
         if not fast or len(contexts) < 2:
             for ctx in contexts:
                 self.prepare(ctx)
             return
-        order = sorted(range(len(contexts)), key=lambda i: len(contexts[i].rendered.ids) + len(contexts[i].target))
-        for start in range(0, len(order), rows):
-            group = [contexts[i] for i in order[start : start + rows]]
+        lengths = [len(c.rendered.ids) + len(c.target) - 1 for c in contexts]
+        for indices in _groups(lengths, rows):
+            group = [contexts[i] for i in indices]
             for ctx in group:
                 ctx.ids = ctx.rendered.ids + ctx.target[:-1]
             width = max(len(c.ids) for c in group)
@@ -392,40 +392,74 @@ class _Scores:
         return [losses[e] for e in edits], [solved[e] for e in edits]
 
 
+def _groups(lengths: Sequence[int], rows: int, slack: float = 1.25) -> list[list[int]]:
+    """Indices of rows for padded passes, each group padded to its longest: sorted by length, a
+    group closes at ``rows`` members or where one more would pad it past ``slack`` times its real
+    length (a pass costs its padded length; a mixed batch of short and long rows wastes most)."""
+    groups: list[list[int]] = []
+    group: list[int] = []
+    total = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        n = lengths[i]
+        if group and (len(group) >= rows or (len(group) + 1) * n > slack * (total + n)):
+            groups.append(group)
+            group, total = [], 0
+        group.append(i)
+        total += n
+    return [*groups, group] if group else groups
+
+
 class _Packed:
-    """Every context of several edits as the rows of one padded pass over the layers above (each
-    row's prefix from the cache, its suffix right-padded), built once per set of edits: values
-    [K, dv] -> the final-normed states (or logits) at every context's target positions, packed in
-    order (``_Scores`` takes them from there)."""
+    """Every context of several edits as the rows of padded passes over the layers above (each
+    row's prefix from the cache, its suffix right-padded; rows of like suffix length together,
+    ``_groups``), built once per set of edits: values [K, dv] -> the final-normed states (or
+    logits) at every context's target positions, packed in order (``_Scores`` takes them from
+    there)."""
 
     def __init__(self, forwards: ValueForwards, edits: list[list[_Context]], caches: dict[int, object]) -> None:
         self.forwards = forwards
-        adapter, device, dtype = forwards.adapter, forwards.device, forwards.model_dtype
         self.contexts = [c for cs in edits for c in cs]
         self.owner_list = [k for k, cs in enumerate(edits) for _ in cs]  # each context's edit
         starts = [c.rendered.end - 1 for c in self.contexts]
-        suffixes = [c.hidden[0, p:] for c, p in zip(self.contexts, starts)]
-        self.batch = adapter.suffix_batch([caches[id(c)] for c in self.contexts], starts, [len(x) for x in suffixes])
+        widths = [c.hidden.shape[1] - p for c, p in zip(self.contexts, starts)]
+        offsets = torch.tensor([0, *(len(c.target) for c in self.contexts)]).cumsum(0).tolist()
+        self.passes, placed = [], []
+        for group in _groups(widths, rows=len(widths)):
+            self.passes.append(self._pass(group, starts, caches))
+            placed += [offsets[i] + j for i in group for j in range(len(self.contexts[i].target))]
+        # the passes' target positions, concatenated, back in the contexts' order
+        self.order = torch.tensor(placed).argsort().to(forwards.device)
+
+    def _pass(self, group: list[int], starts: list[int], caches: dict[int, object]) -> tuple:
+        device, dtype = self.forwards.device, self.forwards.model_dtype
+        contexts = [self.contexts[i] for i in group]
+        starts = [starts[i] for i in group]
+        suffixes = [c.hidden[0, p:] for c, p in zip(contexts, starts)]
+        batch = self.forwards.adapter.suffix_batch(
+            [caches[id(c)] for c in contexts], starts, [len(x) for x in suffixes]
+        )
         width = max(len(x) for x in suffixes)
-        self.base = suffixes[0].new_zeros(len(suffixes), width, suffixes[0].shape[-1])
+        base = suffixes[0].new_zeros(len(suffixes), width, suffixes[0].shape[-1])
         for i, x in enumerate(suffixes):
-            self.base[i, : len(x)] = x
-        self.onehot = torch.zeros(len(suffixes), width, 1, device=device, dtype=dtype)
-        self.onehot[:, 0] = 1  # each value goes in at its row's first suffix position
+            base[i, : len(x)] = x
+        onehot = torch.zeros(len(suffixes), width, 1, device=device, dtype=dtype)
+        onehot[:, 0] = 1  # each value goes in at its row's first suffix position
         rows, cols = [], []
-        for i, (c, p) in enumerate(zip(self.contexts, starts)):
+        for i, (c, p) in enumerate(zip(contexts, starts)):
             first = len(c.rendered.ids) - 1 - p
             rows += [i] * len(c.target)
             cols += range(first, first + len(c.target))
-        self.rows = torch.tensor(rows, device=device)  # each target token's context (its row)
-        self.cols = torch.tensor(cols, device=device)
-        self.owner = torch.tensor(self.owner_list, device=device)
+        owner = torch.tensor([self.owner_list[i] for i in group], device=device)
+        return base, onehot, owner, batch, torch.tensor(rows, device=device), torch.tensor(cols, device=device)
 
     def logits(self, values: torch.Tensor, head: Head | None = None) -> torch.Tensor:
         """[sum of target lengths, vocab]: each context's logits (or ``head`` of its final-normed
         states) at its target positions, in order."""
-        h = self.base + self.onehot * values.to(self.base.dtype).index_select(0, self.owner)[:, None, :]
-        return self.forwards.adapter.upper_logits_padded(h, self.batch, self.rows, self.cols, head)
+        out = []
+        for base, onehot, owner, batch, rows, cols in self.passes:
+            h = base + onehot * values.to(base.dtype).index_select(0, owner)[:, None, :]
+            out.append(self.forwards.adapter.upper_logits_padded(h, batch, rows, cols, head))
+        return torch.cat(out).index_select(0, self.order)
 
     def features(self, values: torch.Tensor) -> torch.Tensor:
         return self.logits(values, _FEATURES)
@@ -478,7 +512,7 @@ class ValueForwards:
                 got = packed.logits(probe).split([len(c.target) for c in packed.contexts])
                 ref = [
                     self.step(c.ids, c.rendered.end - 1, len(c.rendered.ids) - 1, len(c.target), c.hidden)(probe[k])
-                    for c, k in zip(packed.contexts, packed.owner.tolist())
+                    for c, k in zip(packed.contexts, packed.owner_list)
                 ]
             tol = 1e-3 if self.model_dtype == torch.float32 else 5e-2
             self._batched_ok = all(

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from horen_core import Fact, HorenConfig, InvalidInputError, TrainedEdit
 from horen_core.codebook import Codebook
-from horen_core.training import _Packed, _Scores, question_contexts
+from horen_core.training import _groups, _Packed, _Scores, question_contexts
 from tests.horen_core.test_prompting import CHATML
 
 # a tiny model whose values steer it within a few steps, so edits stop early at different steps
@@ -217,6 +217,7 @@ def test_the_packed_pass_gives_each_edit_its_own_logits_and_gradient(tiny_model,
     editor.trainer.prepare_many([c for cs in edits for c in cs])
     caches = {id(c): editor.trainer.forwards.prefix(c) for cs in edits for c in cs}
     packed = _Packed(editor.trainer.forwards, edits, caches)
+    assert len(packed.passes) > 1, "rows of unlike suffix lengths go in separate passes"
     torch.manual_seed(1)
     values = (torch.randn(len(edits), editor.codebook.value_dim) * 3).requires_grad_(True)
     scores = _Scores(editor.adapter.lm_head, packed.contexts, packed.owner_list, 0, editor.device)
@@ -237,6 +238,16 @@ def test_the_packed_pass_gives_each_edit_its_own_logits_and_gradient(tiny_model,
         ok = all(bool((o.argmax(-1) == torch.tensor(c.target)).all()) for o, c in zip(own, contexts))
         assert bool(solved[k]) == ok
     assert values.grad.abs().sum(dim=1).min() > 0
+
+
+def test_rows_are_grouped_by_length_so_that_padding_stays_small():
+    lengths = [3, 50, 4, 48, 3, 12, 51]
+    groups = _groups(lengths, rows=64)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert [[lengths[i] for i in g] for g in groups] == [[3, 3, 4], [12], [48, 50, 51]]
+    for g in groups:
+        assert len(g) * max(lengths[i] for i in g) <= 1.25 * sum(lengths[i] for i in g)
+    assert [len(g) for g in _groups([5] * 7, rows=3)] == [3, 3, 1]
 
 
 def test_without_the_fast_path_each_value_trains_as_train_does(tiny_tokenizer, make_editor):
