@@ -300,7 +300,7 @@ class _Scores:
         device: torch.device,
         drawn: dict[int, torch.Tensor] | None = None,
     ) -> None:
-        self.lm_head, self.contexts, self.k, self.device = lm_head, list(contexts), k, device
+        self.lm_head, self.contexts, self.k = lm_head, list(contexts), k
         self.drawn = {} if drawn is None else drawn  # each context's shortlist [m, k + 1], by id
         lengths = [len(c.target) for c in self.contexts]
         self.n_edits = max(owners) + 1
@@ -333,12 +333,14 @@ class _Scores:
         self.weight = weight.index_select(0, union)
         self.bias = bias.index_select(0, union) if bias is not None else None
 
-    def _draw(self, logits: torch.Tensor, contexts: Sequence[int]) -> None:
-        """Shortlists of these contexts (by position) from full logits at every target position."""
+    def _draw(self, logits: torch.Tensor, contexts: Sequence[int], row_of: Sequence[int] | None = None) -> None:
+        """Shortlists of these contexts (by position) from full logits at their target positions
+        (``row_of``: each target position's row in ``logits``, where it holds only some)."""
         for i in contexts:
             lo, hi = self.bounds[i], self.bounds[i + 1]
+            at = lo if row_of is None else row_of[lo]
             target = self.targets[lo:hi, None]
-            others = logits[lo:hi].detach().float().scatter(1, target, float("-inf"))
+            others = logits[at : at + hi - lo].detach().float().scatter(1, target, float("-inf"))
             self.drawn[id(self.contexts[i])] = torch.cat([target, others.topk(self.k, dim=-1).indices], dim=1)
 
     def __call__(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -384,10 +386,8 @@ class _Scores:
         losses, solved = (t.cpu().tolist() for t in self._per_edit(token_loss, wrong))
         overturned = {e for e in edits if not (solved[e] and losses[e] < stop_loss)}
         redraw = [i for i, e in enumerate(self.owner.tolist()) if e in overturned]
-        if redraw:
-            full = torch.zeros(len(sel), logits.shape[1], device=logits.device)
-            full[sel] = logits
-            self._draw(full, redraw)
+        if redraw:  # the logits hold the asked rows only, each context's contiguous and in order
+            self._draw(logits, redraw, (sel.cumsum(0) - 1).tolist())
             self._gather()
         return [losses[e] for e in edits], [solved[e] for e in edits]
 
