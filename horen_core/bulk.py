@@ -92,10 +92,7 @@ def train_many(editor: HorenEditor, facts: Sequence[Fact | tuple]) -> list[Train
                 change = scratch.store.apply_version(-len(planned), reuse, query, placeholder, answer, subject, gate)
             touched.add(change.entry_id)
         jobs = [p for p in planned if not isinstance(p, InvalidInputError)]
-        inits = [
-            editor.codebook.values[editor.codebook.row_of(reuse)].clone() if reuse is not None else None
-            for _, _, _, _, _, reuse in jobs
-        ]
+        inits = [_live_value(editor, reuse) if reuse is not None else None for _, _, _, _, _, reuse in jobs]
         values = iter(editor.trainer.train_values([(p[0], init) for p, init in zip(jobs, inits)]))
     seconds = (time.perf_counter() - t0) / len(planned)
     out: list[TrainedEdit | InvalidInputError] = []
@@ -105,6 +102,8 @@ def train_many(editor: HorenEditor, facts: Sequence[Fact | tuple]) -> list[Train
             continue
         _, subject, query, answer, gate, reuse = p
         value, steps, loss = next(values)
+        trail = value[1:].detach().cpu() if value.dim() == 2 else None
+        value = value[0] if value.dim() == 2 else value
         out.append(
             TrainedEdit(
                 entry_id=reuse,
@@ -117,9 +116,17 @@ def train_many(editor: HorenEditor, facts: Sequence[Fact | tuple]) -> list[Train
                 answer=answer,
                 subject=subject,
                 gate=gate.detach().cpu() if gate is not None else None,
+                trail=trail,
             )
         )
     return out
+
+
+def _live_value(editor: HorenEditor, entry_id: int) -> torch.Tensor:
+    """An entry's live value, a retrain's start: its vector, and below it its trail where it has one."""
+    value = editor.codebook.values[editor.codebook.row_of(entry_id)].clone()
+    trail = editor.store.trail_of(entry_id)
+    return torch.cat([value[None], trail.to(value.device, value.dtype)]) if trail is not None else value
 
 
 def edit_many(editor: HorenEditor, facts: Sequence[Fact | tuple], batch: int) -> list[EditResult | InvalidInputError]:

@@ -54,8 +54,13 @@ class HorenConfig:
     # the relation gate's cosine threshold; None = the one fitted with it
     gate_threshold: float | None = None
     # entries after the best a prompt may read, in order, when the gates turn the better ones down
-    # (0: only the best; a question's nearest keys are often other subjects' edits of its relation)
-    runners_up: int = 16
+    # (0: only the best; 31: every key of a 32-key support; a question's nearest keys are often
+    # other subjects' edits of its relation)
+    runners_up: int = 31
+    # an edit whose answer is a paragraph (over 12 words) also gets a value at each of the answer's
+    # tokens, added while the answer is written word for word (its trail): one vector at the
+    # question does not hold a paragraph
+    answer_trail: bool = True
     # the paper's public procedure: fixed max_steps, full-model forward/backward, no early stop
     reference_procedure: bool = False
 

@@ -168,11 +168,10 @@ class HorenEditor:
         with self.lock:
             if self.codebook.entry_of_edit(edit_id) is not None:
                 raise InvalidInputError(f"edit id {edit_id} is already in use")
+            t = trained
             if entry_id is not None:
-                return self.apply_version(
-                    edit_id, entry_id, trained.key, trained.value, trained.answer, trained.subject, trained.gate
-                )
-            return self.store.add(edit_id, trained.key, trained.value, trained.answer, trained.subject, trained.gate)
+                return self.apply_version(edit_id, entry_id, t.key, t.value, t.answer, t.subject, t.gate, t.trail)
+            return self.store.add(edit_id, t.key, t.value, t.answer, t.subject, t.gate, t.trail)
 
     def edit(
         self,
@@ -222,10 +221,11 @@ class HorenEditor:
         answer: Sequence[int],
         subject: str = "",
         gate: torch.Tensor | None = None,
+        trail: torch.Tensor | None = None,
     ) -> CodebookChange:
         """Mirror an edit trained elsewhere (a log replay or another replica) without retraining."""
         with self.lock:
-            return self.store.apply_version(edit_id, entry_id, key, value, answer, subject, gate)
+            return self.store.apply_version(edit_id, entry_id, key, value, answer, subject, gate, trail)
 
     def apply_versions(
         self,
@@ -236,10 +236,11 @@ class HorenEditor:
         answers: Sequence[Sequence[int]],
         subjects: Sequence[str] | None = None,
         gates: Sequence[torch.Tensor | None] | None = None,
+        trails: Sequence[torch.Tensor | None] | None = None,
     ) -> list[CodebookChange]:
         """``apply_version`` of many edits, in order (a log replay); see ``EditStore.apply_versions``."""
         with self.lock:
-            return self.store.apply_versions(edit_ids, entry_ids, keys, values, answers, subjects, gates)
+            return self.store.apply_versions(edit_ids, entry_ids, keys, values, answers, subjects, gates, trails)
 
     def save(self, path) -> None:
         with self.lock:

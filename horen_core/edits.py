@@ -31,6 +31,8 @@ class TrainedEdit:
     answer: tuple[int, ...]
     subject: str = ""  # the name a prompt must mention to be routed to this edit ("" = any prompt)
     gate: torch.Tensor | None = None  # the question's relation vector, on cpu (None: no relation gate)
+    # a long-form edit's values at its answer's tokens [m, dv], on cpu (``training._Context``)
+    trail: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class EditStore:
         self.codebook, self.router, self.device = codebook, router, device
         self.subjects: dict[int, str] = {}  # edit id -> its subject; an entry is gated by its owner edit's
         self.gates: dict[int, torch.Tensor] = {}  # edit id -> its relation vector (see horen_core.gate)
+        self.trails: dict[int, torch.Tensor] = {}  # edit id -> its values at the answer's tokens [m, dv]
         self.next_edit_id = 1
 
     def add(
@@ -65,18 +68,40 @@ class EditStore:
         answer: Sequence[int],
         subject: str,
         gate: torch.Tensor | None,
+        trail: torch.Tensor | None = None,
     ) -> CodebookChange:
         """A new entry for edit ``edit_id``."""
+        trail = self._checked_trail(edit_id, trail)
         change = self.codebook.add(edit_id, key, value, answer)
         self.router.apply([change])
-        self._own(edit_id, subject, gate)
+        self._own(edit_id, subject, gate, trail)
         return change
 
-    def _own(self, edit_id: int, subject: str, gate: torch.Tensor | None) -> None:
+    def _own(self, edit_id: int, subject: str, gate: torch.Tensor | None, trail: torch.Tensor | None = None) -> None:
         """What the editor keeps of an edit that is now in the codebook, beside it."""
         self.next_edit_id = max(self.next_edit_id, edit_id + 1)
         self.subjects[edit_id] = subject
         self._set_relation(edit_id, gate)
+        if trail is None:
+            self.trails.pop(edit_id, None)
+        else:
+            self.trails[edit_id] = trail
+
+    def _checked_trail(self, edit_id: int, trail: torch.Tensor | None) -> torch.Tensor | None:
+        """``trail`` as kept ([m, dv] float32 on the codebook's device), or None for an empty one."""
+        if trail is None or not trail.numel():
+            return None
+        dv = self.codebook.value_dim
+        if trail.dim() != 2 or trail.shape[1] != dv:
+            raise CorruptStateError(f"edit {edit_id}'s trail has shape {tuple(trail.shape)}, expected [m, {dv}]")
+        trail = trail.detach().to(self.device, torch.float32)
+        if not torch.isfinite(trail).all():
+            raise CorruptStateError(f"edit {edit_id}'s trail contains NaN or infinity")
+        return trail
+
+    def trail_of(self, entry_id: int) -> torch.Tensor | None:
+        """The trail of an entry's live value (its newest edit's), or None."""
+        return self.trails.get(self.codebook.owner_edit(entry_id)) if self.trails else None
 
     def _set_relation(self, edit_id: int, gate: torch.Tensor | None) -> None:
         if gate is None:
@@ -89,6 +114,7 @@ class EditStore:
         self.router.apply([change])
         self.subjects.pop(edit_id, None)
         self.gates.pop(edit_id, None)
+        self.trails.pop(edit_id, None)
         return change
 
     def apply_version(
@@ -100,8 +126,10 @@ class EditStore:
         answer: Sequence[int],
         subject: str = "",
         gate: torch.Tensor | None = None,
+        trail: torch.Tensor | None = None,
     ) -> CodebookChange:
         """Edit ``edit_id`` into entry ``entry_id``: a new entry, or a retrain of one with the same answer."""
+        trail = self._checked_trail(edit_id, trail)
         if not self.codebook.has_entry(entry_id):
             change = self.codebook.add(edit_id, key, value, answer, entry_id=entry_id)
         elif self.codebook.entry(entry_id).answer != tuple(answer):
@@ -109,7 +137,7 @@ class EditStore:
         else:
             change = self.codebook.retrain(edit_id, entry_id, key, value)
         self.router.apply([change])
-        self._own(edit_id, subject, gate)
+        self._own(edit_id, subject, gate, trail)
         return change
 
     def apply_versions(
@@ -121,11 +149,14 @@ class EditStore:
         answers: Sequence[Sequence[int]],
         subjects: Sequence[str] | None = None,
         gates: Sequence[torch.Tensor | None] | None = None,
+        trails: Sequence[torch.Tensor | None] | None = None,
     ) -> list[CodebookChange]:
         """``apply_version`` of many edits, in order: each run of edits that create entries goes into
         the codebook at once (``Codebook.add_many``), retrains one by one."""
         subjects = list(subjects) if subjects is not None else [""] * len(edit_ids)
         gates = list(gates) if gates is not None else [None] * len(edit_ids)
+        trails = [self._checked_trail(e, t) for e, t in zip(edit_ids, trails)] if trails is not None else None
+        trails = trails or [None] * len(edit_ids)
         changes: list[CodebookChange] = []
         run: list[int] = []  # positions of consecutive edits creating entries, not yet added
         created: set[int] = set()
@@ -143,14 +174,16 @@ class EditStore:
                 self.router.apply(added)
                 changes.extend(added)
                 for i in run:
-                    self._own(edit_ids[i], subjects[i], gates[i])
+                    self._own(edit_ids[i], subjects[i], gates[i], trails[i])
                 run.clear()
 
         for i, entry_id in enumerate(entry_ids):
             if entry_id in created or self.codebook.has_entry(entry_id):
                 flush()
                 changes.append(
-                    self.apply_version(edit_ids[i], entry_id, keys[i], values[i], answers[i], subjects[i], gates[i])
+                    self.apply_version(
+                        edit_ids[i], entry_id, keys[i], values[i], answers[i], subjects[i], gates[i], trails[i]
+                    )
                 )
             else:
                 run.append(i)
@@ -168,6 +201,11 @@ class EditStore:
                 "gate_edit_ids": torch.tensor(gated, dtype=torch.long),
                 "gate_vectors": torch.stack([self.gates[e].cpu() for e in gated]),
             }
+        trailed = [e for e in self.codebook.edit_ids() if e in self.trails]
+        if trailed:  # every trail's rows one after another, and how many each has
+            extra["trail_edit_ids"] = torch.tensor(trailed, dtype=torch.long)
+            extra["trail_rows"] = torch.tensor([len(self.trails[e]) for e in trailed], dtype=torch.long)
+            extra["trail_vectors"] = torch.cat([self.trails[e].cpu() for e in trailed])
         self.codebook.save(path, metadata=meta, extra=extra)
 
     @staticmethod
@@ -186,12 +224,18 @@ class EditStore:
         """Replace every edit with those saved at ``path`` (``meta``: its ``read_metadata``)."""
         self.codebook.load(path)
         self.subjects = {int(k): v for k, v in json.loads(meta.get("subjects", "{}")).items()}
-        self.gates = {}
+        self.gates, self.trails = {}, {}
         with safe_open(str(path), framework="pt") as f:
             if "gate_edit_ids" in f.keys():
                 vectors = f.get_tensor("gate_vectors")
                 for i, e in enumerate(f.get_tensor("gate_edit_ids").tolist()):
                     self._set_relation(e, vectors[i])
+            if "trail_edit_ids" in f.keys():
+                rows, vectors = f.get_tensor("trail_rows").tolist(), f.get_tensor("trail_vectors")
+                if sum(rows) != len(vectors) or min(rows) < 1:
+                    raise CorruptStateError("codebook file's trails do not add up")
+                for e, part in zip(f.get_tensor("trail_edit_ids").tolist(), vectors.split(rows)):
+                    self.trails[e] = self._checked_trail(e, part)
         self.next_edit_id = max(self.codebook.edit_ids(), default=0) + 1
         self.router.reloaded()
 

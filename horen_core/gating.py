@@ -148,7 +148,14 @@ class GatedRouter:
                     values[r], entry_ids[r], scores[r] = v2[j], e2[j], s2[j]
             return values, entry_ids, scores
 
-        return RoutePlan(self.layer, prompt_mask, router, self.config.query_strategy, self.config.query_fraction)
+        return RoutePlan(
+            self.layer,
+            prompt_mask,
+            router,
+            self.config.query_strategy,
+            self.config.query_fraction,
+            trail_of=self.store.trail_of,
+        )
 
     def relation_vector(self, x: torch.Tensor, span_ids: Sequence[int], subject: str) -> torch.Tensor:
         """The unit relation vector of a question span (``x`` [n, dk] the layer input over it)."""

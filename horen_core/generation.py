@@ -17,6 +17,7 @@ from transformers import LogitsProcessor, StoppingCriteria
 from horen_core.codebook import Codebook
 from horen_core.errors import CorruptStateError, InvalidInputError
 from horen_core.layer import RoutePlan, activate
+from horen_core.prompting import long_form
 
 # called by generate per row and step with the row's newly final tokens; False stops the row
 RowStream = Callable[[int, list[int]], bool]
@@ -131,7 +132,7 @@ class Decoder:
             kwargs = {**gen_kwargs, "max_new_tokens": budget, "min_new_tokens": min(min_new_tokens, budget)}
             rows = list(range(len(seqs)))
             edited = not _UNEDITED.get()
-            watch = [stop] if edited else []
+            watch = [_OnTrack(self.tokenizer, self.codebook, plan, ids.shape[1]), stop] if edited else []
             if release:
                 watch.append(release.pass_over(rows, ids.shape[1], hold=stop if edited else None))
             with activate(plan if edited else None):
@@ -207,21 +208,40 @@ class Decoder:
             kwargs["logits_to_keep"] = keep_last
         with self.lock:
             plan = self.plan(seqs, prompt_lengths, ids.shape[1])
+            width = ids.shape[1]
+            plan.forced = {i: (width - len(s) + n, list(s[n:])) for i, (s, n) in enumerate(zip(seqs, prompt_lengths))}
+            plan.track = self.answer_prefix
             with activate(None if _UNEDITED.get() else plan):
                 logits = self.model(**kwargs).logits
         return logits, mask, plan.entry_ids or [None] * len(seqs)
 
+    def answer_prefix(self, entry_id: int, tokens: list[int]) -> int:
+        """How many of ``tokens``' first tokens read as the beginning of the entry's answer (as
+        text, ``_OnTrack``'s test)."""
+        answer = self.tokenizer.decode(list(self.codebook.entry(entry_id).answer), skip_special_tokens=True).strip()
+        n = 0
+        while n < len(tokens) and answer.startswith(
+            self.tokenizer.decode(tokens[: n + 1], skip_special_tokens=True).lstrip()
+        ):
+            n += 1
+        return n
+
     @torch.no_grad()
     def greedy(self, seqs: Sequence[Sequence[int]], n: int) -> list[list[int]]:
-        """Exactly ``n`` greedy tokens after each row of token ids, routed once in the prefill and
-        never handed over: the decoding the paper's metrics score."""
+        """Exactly ``n`` greedy tokens after each row of token ids, routed once in the prefill (a
+        long-form edit's trail applied as in ``generate``) and never handed over: the decoding the
+        paper's metrics score."""
         ids, mask = self._pad_left(seqs)
         kwargs = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False}
         with self.lock:
             plan = self.plan(seqs, [len(q) for q in seqs], ids.shape[1])
             with activate(None if _UNEDITED.get() else plan):
                 out = self.model.generate(
-                    input_ids=ids, attention_mask=mask, pad_token_id=self.tokenizer.pad_token_id, **kwargs
+                    input_ids=ids,
+                    attention_mask=mask,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    stopping_criteria=[_OnTrack(self.tokenizer, self.codebook, plan, ids.shape[1])],
+                    **kwargs,
                 )
         return out[:, ids.shape[1] :].tolist()
 
@@ -338,16 +358,34 @@ class _Released(StoppingCriteria):
 _PATIENCE = 8
 
 
-def _long_form(answer: str, words: int = 12) -> bool:
-    """A paragraph rather than a fact (over ``words`` words): one value carries it only
-    approximately, so a routed row keeps its text even when it never states the answer verbatim."""
-    return len(answer.split()) > words
+class _OnTrack(StoppingCriteria):
+    """Keeps ``plan.on_track``, after every token, to the rows with a trail whose text so far
+    begins their entry's answer (as text: a chat reply starts without the plain answer's space):
+    a row that leaves the answer gets no more of its trail. Stops nothing."""
+
+    def __init__(self, tokenizer, codebook: Codebook, plan: RoutePlan, prompt_width: int) -> None:
+        self.tokenizer, self.codebook, self.plan, self.width = tokenizer, codebook, plan, prompt_width
+        self.answers: dict[int, str] | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        plan = self.plan
+        if plan.trails and self.answers is None:
+            tok = self.tokenizer
+            self.answers = {
+                r: tok.decode(list(self.codebook.entry(plan.entry_ids[r]).answer), skip_special_tokens=True).strip()
+                for r in plan.trails
+            }
+        for r in list(plan.on_track):
+            text = self.tokenizer.decode(input_ids[r, self.width :].tolist(), skip_special_tokens=True).lstrip()
+            if not self.answers[r].startswith(text):
+                plan.on_track.discard(r)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 class _TargetStated(StoppingCriteria):
     """Stops each routed row once its generated text contains its edit's target, or once it has run
     ``_PATIENCE`` tokens past the target's length without it (those rows are in ``missed``, unless
-    the target is long-form: ``_long_form``); ``stated`` maps the stopped rows to how many tokens
+    the target is long-form: ``long_form``); ``stated`` maps the stopped rows to how many tokens
     they had then."""
 
     def __init__(self, tokenizer, codebook: Codebook, plan: RoutePlan, prompt_width: int) -> None:
@@ -377,7 +415,7 @@ class _TargetStated(StoppingCriteria):
                 done[i] = True
             elif n >= self.patience[i]:
                 self.stated[i] = n
-                if not _long_form(answer):
+                if not long_form(answer):
                     self.missed.add(i)
                 done[i] = True
         return done

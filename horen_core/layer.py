@@ -73,31 +73,63 @@ Router = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, list[int | N
 @dataclass
 class RoutePlan(Plan):
     """Route each row's prompt on the first (prefill) call and add the routed value at its last
-    prompt token; later calls (decode steps over a KV cache) pass through untouched."""
+    prompt token. Later calls (decode steps over a KV cache, one token each) pass through, except
+    for a row routed to an entry with a trail (``trail_of``; a long-form edit's values at its
+    answer's tokens): while the row is in ``on_track`` (its text so far begins the answer, kept by
+    the caller after every token), decode step k adds the trail's row k. A teacher-forced call
+    gives ``forced`` (row -> where its forced tokens start, and the tokens) and ``track`` (how many
+    of them begin an entry's answer): the trail goes in at those tokens in the prefill."""
 
     layer: HorenLayer
     prompt_mask: torch.Tensor  # [B, T] 1 at prompt tokens
     router: Router
     strategy: str
     fraction: float
+    trail_of: Callable[[int], torch.Tensor | None] | None = None
     done: bool = False
     entry_ids: list[int | None] = field(default_factory=list)
     scores: torch.Tensor | None = None
     queries: torch.Tensor | None = None
+    trails: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> its entry's trail
+    on_track: set[int] = field(default_factory=set)
+    decoded: int = 0  # decode steps so far
+    forced: dict[int, tuple[int, list[int]]] = field(default_factory=dict)
+    track: Callable[[int, list[int]], int] | None = None
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if self.done or x.shape[1] != self.prompt_mask.shape[1]:
+        if self.done:
+            return self._trail(out) if self.trails and x.shape[1] == 1 else out
+        if x.shape[1] != self.prompt_mask.shape[1]:
             return out
         self.done = True
         mask = self.prompt_mask.to(x.device)
         self.queries = compute_queries(x, mask, self.strategy, self.fraction)
         values, self.entry_ids, self.scores = self.router(self.queries, x)
+        if self.trail_of is not None:
+            found = {i: self.trail_of(e) for i, e in enumerate(self.entry_ids) if e is not None}
+            self.trails = {i: t for i, t in found.items() if t is not None}
+            self.on_track = set(self.trails)
         if all(e is None for e in self.entry_ids):
             return out
         pos = last_prompt_index(mask)
         rows = torch.arange(x.shape[0], device=out.device)
         out = out.clone()
         out[rows, pos.to(out.device)] += values.to(device=out.device, dtype=out.dtype)
+        for r, trail in self.trails.items():
+            if r in self.forced and self.track is not None:
+                start, tokens = self.forced[r]
+                n = min(self.track(self.entry_ids[r], tokens), len(trail))
+                out[r, start : start + n] += trail[:n].to(device=out.device, dtype=out.dtype)
+        return out
+
+    def _trail(self, out: torch.Tensor) -> torch.Tensor:
+        k, self.decoded = self.decoded, self.decoded + 1
+        rows = [r for r, t in self.trails.items() if r in self.on_track and k < len(t)]
+        if not rows:
+            return out
+        out = out.clone()
+        for r in rows:
+            out[r, -1] += self.trails[r][k].to(device=out.device, dtype=out.dtype)
         return out
 
 
@@ -110,10 +142,13 @@ class InjectPlan(Plan):
     values: torch.Tensor | None = None  # [B, dv]
     captured: torch.Tensor | None = None
     capture: bool = False
+    delta: torch.Tensor | None = None  # [B, T, dv] added as it is (instead of values at positions)
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.capture:
             self.captured = x.detach()
+        if self.delta is not None:
+            return out + self.delta.to(out.dtype)
         if self.values is None:
             return out
         rows = torch.arange(x.shape[0], device=out.device)

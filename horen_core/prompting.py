@@ -163,3 +163,13 @@ class Tokens:
         if not ids:
             raise InvalidInputError("target has no tokens")
         return list(ids)
+
+
+LONG_FORM_WORDS = 12  # an answer of more words is a paragraph
+
+
+def long_form(answer: str) -> bool:
+    """Whether ``answer`` is a paragraph rather than a fact (over ``LONG_FORM_WORDS`` words): one
+    value at the question holds it only approximately, so its edit also gets a trail
+    (``training._Context``) and a routed row keeps its text even where it never states it verbatim."""
+    return len(answer.split()) > LONG_FORM_WORDS

@@ -18,15 +18,19 @@ from torch import nn
 from horen_core.config import HorenConfig
 from horen_core.layer import HorenLayer, InjectPlan, activate, compute_queries
 from horen_core.modeling import Head, ModelAdapter
-from horen_core.prompting import ChatFormat, Rendered, Tokens
+from horen_core.prompting import ChatFormat, Rendered, Tokens, long_form
 
 
 @dataclass
 class _Context:
-    """One rendering of an edit's question and what training needs of it."""
+    """One rendering of an edit's question and what training needs of it. With ``trail`` the
+    edit's value is a matrix [1 + m, dv]: row 0 goes in at the question's last token, row 1 + j at
+    target token j while the answer is being written (``layer.RoutePlan``), m one less than the
+    longest context's target."""
 
     rendered: Rendered
     target: list[int]
+    trail: bool = False
     ids: list[int] = field(default_factory=list)  # prompt + target but its last token
     hidden: torch.Tensor | None = None
     query: torch.Tensor | None = None
@@ -40,13 +44,19 @@ def question_contexts(
     entry's answer), then the chat template when the tokenizer has one and the reply fits."""
     target_ids = tokens.target(target)
     plain = tokens.prompt(question, reserve=len(target_ids))
-    out = [_Context(Rendered(plain, 0, len(plain)), target_ids)]
+    trail = config.answer_trail and not config.reference_procedure and long_form(target)
+    out = [_Context(Rendered(plain, 0, len(plain)), target_ids, trail)]
     if chat.available and config.chat_context and not config.reference_procedure:
         reply = tokens.tokenizer(target.strip(), add_special_tokens=False)["input_ids"]
         rendered = chat.render(question)
         if reply and len(rendered.ids) + len(reply) <= tokens.max_context:
-            out.append(_Context(rendered, list(reply)))
+            out.append(_Context(rendered, list(reply), trail))
     return out
+
+
+def trail_rows(contexts: Sequence[_Context]) -> int:
+    """How many rows an edit's value has after its first (0: a vector, no trail)."""
+    return max(len(c.target) for c in contexts) - 1 if any(c.trail for c in contexts) else 0
 
 
 class _StopForward(Exception):
@@ -174,10 +184,16 @@ class ValueTrainer:
         """One value for every context: the mean cross-entropy of the target tokens over them.
         Stops once every context decodes the target greedily and the mean NLL is below
         ``stop_loss`` (or after ``max_steps``); with a shortlist (``_Scores``) that verdict is
-        taken on the whole vocabulary."""
+        taken on the whole vocabulary. A long-form edit's value is [1 + ``trail_rows``, dv]
+        (``_Context``); ``init`` fills its first rows, the rest start at zero."""
         cfg = self.config
         dv = self.value_dim
-        value = (init.clone() if init is not None else torch.zeros(dv, device=self.device)).float()
+        rows = trail_rows(contexts)
+        value = torch.zeros((1 + rows, dv) if rows else (dv,), device=self.device)
+        if init is not None:  # a vector, or a vector and its trail
+            init = init.to(self.device).reshape(-1, dv)[: 1 + rows]
+            value.view(-1, dv)[: len(init)] = init
+        value = value.float()
         value.requires_grad_(True)
         opt = torch.optim.Adam([value], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
         steps, loss_value = 0, float("nan")
@@ -216,6 +232,10 @@ class ValueTrainer:
         loss are kept and its rows leave the batch, the others go on. Where the batched fast path is
         unavailable (the reference procedure, a model without the prefix cache, a device map) or
         disagrees with separate passes (checked once), each edit is trained by ``train_value``."""
+        trails = [i for i, (contexts, _) in enumerate(edits) if trail_rows(contexts)]
+        if trails:  # each long-form edit on its own (its value is a matrix), the others together
+            rest = iter(self.train_values([e for i, e in enumerate(edits) if i not in trails]))
+            return [self.train_value(*edits[i]) if i in trails else next(rest) for i in range(len(edits))]
         if len(edits) < 2 or not self.forwards.batchable(edits, self.config):
             return [self.train_value(contexts, init) for contexts, init in edits]
         cfg = self.config
@@ -223,7 +243,9 @@ class ValueTrainer:
         out: list[tuple[torch.Tensor, int, float] | None] = [None] * len(edits)
         caches = {id(c): self.forwards.prefix(c) for contexts, _ in edits for c in contexts}
         active = list(range(len(edits)))  # the edits still training, by position in ``edits``
-        inits = [init.clone() if init is not None else torch.zeros(dv, device=self.device) for _, init in edits]
+        inits = [
+            init.reshape(-1, dv)[0] if init is not None else torch.zeros(dv, device=self.device) for _, init in edits
+        ]
         value = torch.stack(inits).float().requires_grad_(True)
         opt = torch.optim.Adam([value], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
         k = self.shortlists([c for cs, _ in edits for c in cs])
@@ -567,7 +589,13 @@ class ValueForwards:
 
         def batched(value: torch.Tensor, head: Head | None = None) -> list[torch.Tensor]:
             v = value.to(dtype)
-            rows = [x + onehot * v for x, onehot in zip(suffixes, onehots)]
+            if v.dim() == 1:
+                rows = [x + onehot * v for x, onehot in zip(suffixes, onehots)]
+            else:
+                rows = [
+                    x + _spread(v, x.shape[1], 0, at.start + 1, at.stop - at.start, dtype)
+                    for x, at in zip(suffixes, positions)
+                ]
             return self.adapter.upper_logits_batched(rows, batch, positions, head)
 
         return batched
@@ -584,7 +612,11 @@ class ValueForwards:
             def full(value: torch.Tensor, head: Head | None = None) -> torch.Tensor:
                 if head is not None:
                     raise ValueError("the full model's route gives logits only")
-                plan = InjectPlan(self.layer, positions=torch.tensor([p]), values=value[None])
+                if value.dim() == 2:
+                    delta = _spread(value, ids.shape[1], p, first + 1, count, self.model_dtype)
+                    plan = InjectPlan(self.layer, delta=delta)
+                else:
+                    plan = InjectPlan(self.layer, positions=torch.tensor([p]), values=value[None])
                 with activate(plan):
                     return self.model(input_ids=ids).logits[0, first : first + count]
 
@@ -598,9 +630,8 @@ class ValueForwards:
             lo = first - p
 
             def cached(value: torch.Tensor, head: Head | None = None) -> torch.Tensor:
-                out = self.adapter.upper_logits_suffix(
-                    suffix + onehot * value.to(dtype), p, cache, slice(lo, lo + count), head
-                )
+                added = onehot * value.to(dtype) if value.dim() == 1 else _spread(value, s - p, 0, lo + 1, count, dtype)
+                out = self.adapter.upper_logits_suffix(suffix + added, p, cache, slice(lo, lo + count), head)
                 return out[0]
 
             if self._prefix_cache_ok is None:  # verify once that this model honours the cache
@@ -618,7 +649,18 @@ class ValueForwards:
         onehot[0, p] = 1
 
         def upper(value: torch.Tensor, head: Head | None = None) -> torch.Tensor:
-            h = hidden + onehot * value.to(dtype)
+            added = onehot * value.to(dtype) if value.dim() == 1 else _spread(value, s, p, first + 1, count, dtype)
+            h = hidden + added
             return self.adapter.upper_logits(h, slice(first, first + count), head)[0]
 
         return upper
+
+
+def _spread(value: torch.Tensor, width: int, at: int, answer_at: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """[1, width, dv]: a long-form edit's value [1 + m, dv] laid out over a row, its first row at
+    position ``at`` (the question's last token), row 1 + j at ``answer_at + j``, where target token
+    j is read (for j < ``count`` - 1: the last target token is read by nothing scored)."""
+    n = min(value.shape[0] - 1, count - 1, width - answer_at)
+    added = value.new_zeros(width, value.shape[1]).to(dtype)
+    index = torch.tensor([at, *range(answer_at, answer_at + n)], device=value.device)
+    return added.index_add(0, index, value[: 1 + n].to(dtype))[None]
