@@ -133,6 +133,7 @@ class EditingService:
                 created_by=by,
                 subject=trained.subject,
                 gate=repo.tensor_to_bytes(trained.gate) if trained.gate is not None else None,
+                trail=repo.tensor_to_bytes(trained.trail) if trained.trail is not None else None,
             )
             session.flush()
             if item is not None:

@@ -126,6 +126,7 @@ class Replication:
                 [r.answer_ids for r in rows],
                 [r.subject or "" for r in rows],
                 [repo.optional_vector(r.gate) for r in rows],
+                [repo.optional_rows(r.trail, dv) for r in rows],
             )
 
     def sync(self) -> int:

@@ -9,7 +9,8 @@ The archive is an uncompressed tar of three members, in this order:
   for whoever reads the archive: routing settings are the importing deployment's own.
 - ``edits.jsonl``: one JSON object per active edit in id order, every column of its ``edits`` row
   by column name except the codebook's id and the binary columns, so that a column added to the
-  table travels without code here; ``gate`` is the edit's relation vector as a list of floats (or null).
+  table travels without code here; ``gate`` is the edit's relation vector as a list of floats (or null),
+  ``trail`` a long-form edit's values at its answer's tokens as a list of rows of floats (or null).
 - ``vectors.safetensors``: ``keys`` [n, key_dim] and ``values`` [n, value_dim], float32; row i is the
   edit of line i (its own query and trained value, what a restart replays).
 
@@ -76,7 +77,7 @@ _SET_BY_IMPORT = {
 }
 _GATE_DIM = 4096  # longest relation vector an archive may carry
 # columns passed to repository.insert_edit (validated by ArchivedEdit)
-_INSERTED = {"prompt", "target", "metadata", "steps", "loss", "train_ms", "answer_ids", "gate"}
+_INSERTED = {"prompt", "target", "metadata", "steps", "loss", "train_ms", "answer_ids", "gate", "trail"}
 
 
 class MalformedArchiveError(Exception):
@@ -106,6 +107,8 @@ class ArchivedEdit(BaseModel):
     loss: float = Field(default=0.0, allow_inf_nan=False)
     train_ms: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     gate: list[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(default=None, max_length=_GATE_DIM)
+    # one row per answer token but the last (its length is checked against value_dim on import)
+    trail: list[list[Annotated[float, Field(allow_inf_nan=False)]]] | None = Field(default=None, max_length=2000)
 
     _check = field_validator("prompt", "target")(valid_unicode)
 
@@ -201,6 +204,8 @@ def export_archive(
                     raise ValueError(f"edit {row['id']} has vectors of another size than the codebook's")
                 out = {c: _jsonable(row[c]) for c in columns}
                 out["gate"] = repo.optional_vector(row["gate"]).tolist() if row["gate"] is not None else None
+                trail = repo.optional_rows(row["trail"], dv)
+                out["trail"] = trail.tolist() if trail is not None else None
                 lines.write(json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
                 keys.write(row["key"])
                 values.write(row["value"])
@@ -292,7 +297,7 @@ def read_archive(
         n = manifest.get("edits")
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise MalformedArchiveError(f"{MANIFEST}: 'edits' must be the number of edits")
-        rows, extras = _read_rows(tar, members[EDITS], n, vocab_size)
+        rows, extras = _read_rows(tar, members[EDITS], n, vocab_size, int(identity["value_dim"]))
         vectors = tempfile.NamedTemporaryFile(suffix=".safetensors", dir=tmp_dir)
         try:
             _extract(tar, members[VECTORS], vectors)
@@ -357,7 +362,7 @@ def _check_identity(theirs: Any, ours: dict[str, str]) -> None:
 
 
 def _read_rows(
-    tar: tarfile.TarFile, info: tarfile.TarInfo, n: int, vocab_size: int
+    tar: tarfile.TarFile, info: tarfile.TarInfo, n: int, vocab_size: int, dv: int
 ) -> tuple[list[ArchivedEdit], list[dict[str, Any]]]:
     columns = {c.name: (key, c) for key, c in _edit_columns()}
     rows: list[ArchivedEdit] = []
@@ -381,6 +386,8 @@ def _read_rows(
                 raise InvalidInputError(f"{EDITS} line {i}: {_first_error(exc)}") from None
             if any(not 0 <= t < vocab_size for t in row.answer_ids):
                 raise InvalidInputError(f"{EDITS} line {i}: answer_ids must be token ids below {vocab_size}")
+            if row.trail is not None and any(len(r) != dv for r in row.trail):
+                raise InvalidInputError(f"{EDITS} line {i}: trail rows must have {dv} values (the value dimension)")
             answer = tuple(row.answer_ids)
             if answers.setdefault(row.entry_id, answer) != answer:
                 raise InvalidInputError(f"{EDITS} line {i}: entry {row.entry_id} is retrained with another answer")
@@ -525,6 +532,7 @@ def import_archive(sessions: sessionmaker[Session], codebook_id: int, archive: I
                     expected_entry_version=None,
                     created_by=by,
                     gate=repo.tensor_to_bytes(torch.tensor(row.gate)) if row.gate else None,
+                    trail=repo.tensor_to_bytes(torch.tensor(row.trail)) if row.trail else None,
                 )
                 for attr, value in extra.items():
                     setattr(edit, attr, value)

@@ -120,6 +120,8 @@ class Edit(Base):
     value: Mapped[bytes] = mapped_column(LargeBinary)  # float32 little-endian value vector
     # float32 relation vector (horen_core.gate); None: the edit is not relation-gated
     gate: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # float32 [m, value_dim] values at a long-form answer's tokens (horen_core.training); None: none
+    trail: Mapped[bytes | None] = mapped_column(LargeBinary)
 
     def __repr__(self) -> str:
         return f"Edit(id={self.id}, codebook_id={self.codebook_id}, entry_id={self.entry_id}, status={self.status!r})"

@@ -120,6 +120,7 @@ def insert_edit(
     created_by: str | None = None,
     subject: str = "",
     gate: bytes | None = None,
+    trail: bytes | None = None,
 ) -> Edit:
     """Store one edit, create or bump its entry, and append an "edit" event; ``created_by`` (the
     API key's name) is the edit's and the event's actor.
@@ -163,6 +164,7 @@ def insert_edit(
         created_by=created_by,
         subject=subject,
         gate=bytes(gate) if gate is not None else None,
+        trail=bytes(trail) if trail is not None else None,
     )
     session.add(edit)
     session.flush()
@@ -256,10 +258,10 @@ def count_active_edits(session: Session, codebook_id: int) -> int:
 
 def active_edit_vectors(session: Session, codebook_id: int, chunk: int = 4096) -> Iterator[Sequence[Row]]:
     """What replaying the active edits needs (``id``, ``entry_id``, ``answer_ids``, ``key``,
-    ``value``, ``subject``, ``gate``), in id order, ``chunk`` rows at a time: plain rows, no ORM objects, so that a replay
+    ``value``, ``subject``, ``gate``, ``trail``), in id order, ``chunk`` rows at a time: plain rows, no ORM objects, so that a replay
     of many edits neither builds nor holds them all."""
     stmt = (
-        select(Edit.id, Edit.entry_id, Edit.answer_ids, Edit.key, Edit.value, Edit.subject, Edit.gate)
+        select(Edit.id, Edit.entry_id, Edit.answer_ids, Edit.key, Edit.value, Edit.subject, Edit.gate, Edit.trail)
         .where(*_active_in(codebook_id))
         .order_by(Edit.id)
         .execution_options(yield_per=chunk)
@@ -374,6 +376,15 @@ def bytes_to_matrix(blobs: Sequence[bytes], dim: int) -> torch.Tensor:
 def optional_vector(b: bytes | None) -> torch.Tensor | None:
     """The float32 vector stored by `tensor_to_bytes` (its length read from the bytes), or None."""
     return None if b is None else bytes_to_matrix([b], len(b) // 4)[0]
+
+
+def optional_rows(b: bytes | None, dim: int) -> torch.Tensor | None:
+    """The float32 [m, dim] matrix stored by `tensor_to_bytes`, or None."""
+    if b is None:
+        return None
+    if not b or len(b) % (4 * dim):
+        raise ValueError(f"matrix has {len(b)} bytes, not a whole number of {dim}-float32 rows")
+    return bytes_to_matrix([b], len(b) // 4)[0].reshape(-1, dim)
 
 
 def bytes_to_tensor(b: bytes, dim: int) -> torch.Tensor:
