@@ -203,14 +203,9 @@ class ValueTrainer:
         for step in range(cfg.max_steps + 1):
             out = torch.cat(forward(value, head))
             losses, solved = scores(out)
-            loss_value = float(losses[0].detach())
-            done = step == cfg.max_steps or (
-                bool(solved[0]) and loss_value < cfg.stop_loss and not cfg.reference_procedure
-            )
-            if done and scores.shortlisted:  # the shortlist's verdict, taken on the whole vocabulary
-                full_loss, full_solved = scores.confirm(out.detach(), [0], cfg.stop_loss)
-                loss_value = float(full_loss[0])
-                done = step == cfg.max_steps or (bool(full_solved[0]) and loss_value < cfg.stop_loss)
+            last, early = step == cfg.max_steps, not cfg.reference_procedure
+            done, loss = scores.finished(out.detach(), losses, solved, last, cfg.stop_loss, early)
+            loss_value = loss[0]
             if done:
                 break
             opt.zero_grad(set_to_none=True)
@@ -255,22 +250,9 @@ class ValueTrainer:
         for step in range(cfg.max_steps + 1):
             feats = packed.features(value) if k else packed.logits(value)
             losses, solved = scores(feats)
-            stats = torch.stack([losses.detach(), solved.float()]).cpu().tolist()
-            finished = [
-                a
-                for a, (loss_a, ok) in enumerate(zip(*stats))
-                if step == cfg.max_steps or (ok and loss_a < cfg.stop_loss)
-            ]
-            if finished and scores.shortlisted:  # the shortlist's verdict, taken on the whole vocabulary
-                full_loss, full_solved = scores.confirm(feats.detach(), finished, cfg.stop_loss)
-                confirmed = []
-                for a, loss_a, ok in zip(finished, full_loss, full_solved):
-                    stats[0][a] = loss_a
-                    if step == cfg.max_steps or (ok and loss_a < cfg.stop_loss):
-                        confirmed.append(a)
-                finished = confirmed
+            finished, loss_of = scores.finished(feats.detach(), losses, solved, step == cfg.max_steps, cfg.stop_loss)
             for a in finished:
-                out[active[a]] = (value[a].detach().clone(), step, stats[0][a])
+                out[active[a]] = (value[a].detach().clone(), step, loss_of[a])
             if len(finished) == len(active):
                 break
             gone = set(finished)
@@ -385,6 +367,28 @@ class _Scores:
         edit_loss = torch.zeros(self.n_edits, device=token_loss.device).index_add_(0, self.owner, ctx_loss)
         edit_wrong = torch.zeros(self.n_edits, device=token_loss.device).index_add_(0, self.owner, ctx_wrong)
         return edit_loss / self.n_ctx, edit_wrong == 0
+
+    def finished(
+        self,
+        feats: torch.Tensor,
+        losses: torch.Tensor,
+        solved: torch.Tensor,
+        last: bool,
+        stop_loss: float,
+        early: bool = True,
+    ) -> tuple[list[int], list[float]]:
+        """The edits (by position) whose training stops after this step, and every edit's loss:
+        all of them at the ``last`` step, else (with ``early``) those solved with a loss below
+        ``stop_loss``. Where shortlisted, the verdict and the stopping edits' losses are the whole
+        vocabulary's (``confirm``)."""
+        loss, ok = torch.stack([losses.detach(), solved.float()]).cpu().tolist()
+        done = [a for a in range(len(loss)) if last or (early and ok[a] and loss[a] < stop_loss)]
+        if done and self.shortlisted:  # the shortlist's verdict, taken on the whole vocabulary
+            full_loss, full_ok = self.confirm(feats, done, stop_loss)
+            for a, value in zip(done, full_loss):
+                loss[a] = value
+            done = [a for a, value, good in zip(done, full_loss, full_ok) if last or (good and value < stop_loss)]
+        return done, loss
 
     def advance(self) -> None:
         """After a step on the full vocabulary, draw every shortlist from its logits."""
