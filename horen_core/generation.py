@@ -107,8 +107,8 @@ class Decoder:
         ``stream(row, ids)``, when given, is called on this thread after every decoding step, for
         every row, with that row's tokens that have become final (often none): the concatenation
         of a row's calls is its ``token_ids``. A routed row's tokens are held back until it has
-        stated its target (a row that misses it is answered again, so its start is never sent).
-        ``stream`` returning False stops that row; its result is then what it was sent."""
+        stated its target (a row that misses it is answered again, so its start is never sent),
+        unless the target is long-form: a paragraph streams as it is written. ``stream`` returning False stops that row; its result is then what it was sent."""
         limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         if len(limits) != len(prompts):
             raise InvalidInputError(f"{len(limits)} budgets for {len(prompts)} prompts")
@@ -330,7 +330,8 @@ class _Release:
 class _Released(StoppingCriteria):
     """One ``model.generate`` pass of ``_Release``: batch row b is generate's row ``rows[b]``, whose
     tokens before this pass are ``before[b]``. With ``hold`` (the pass's ``_TargetStated``, which
-    must run first), a routed row's tokens are final only once it has stated its target."""
+    must run first), a routed row's tokens are final only once it has stated its target, or as
+    they come where its target is long-form (such a row keeps its text either way)."""
 
     def __init__(
         self, release: _Release, rows: list[int], width: int, hold: _TargetStated | None, before: list[list[int]]
@@ -349,6 +350,8 @@ class _Released(StoppingCriteria):
                 self.release.offer(i, self.before[b] + self.tails[b])
             elif i in self.hold.stated and i not in self.hold.missed:
                 self.release.offer(i, self.tails[b][: self.hold.stated[i]])
+            elif long_form(routed[i]):  # never answered again (``_TargetStated``): final as written
+                self.release.offer(i, self.tails[b])
             else:  # held: it may yet miss its target and be answered again
                 self.release.offer(i, None)
             done[b] = self.release.stopped(i)

@@ -134,3 +134,15 @@ def pair(tiny_tokenizer, make_editor):
         return tuple(make_editor(steerable_llama(len(tiny_tokenizer)), tiny_tokenizer, config) for _ in range(2))
 
     return make
+
+
+def test_a_paragraph_streams_as_it_is_written(tiny_llama, make_editor):
+    """A long-form row is never answered again, so its tokens are sent as they come, not held
+    until the whole paragraph is stated; what is sent is the result."""
+    editor = make_editor(*tiny_llama, CFG)
+    editor.edit(PROMPT, LONG)
+    calls: list[list[int]] = []
+    got = editor.generate([PROMPT], max_new_tokens=24, stream=lambda row, ids: calls.append(list(ids)) or True)[0]
+    assert LONG in got.text
+    assert [t for c in calls for t in c] == got.token_ids
+    assert calls[0] and len(calls[0]) == 1, calls[:3]  # the first token went out after the first step
