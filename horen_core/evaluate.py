@@ -111,7 +111,7 @@ def load_records(
     path: str | Path, fmt: str = "auto", target_field: str = "answers", n: int | None = None, offset: int = 0
 ) -> list[EditRecord]:
     """Records of a data file in one of ``FORMATS``; a malformed record raises ``ValueError``
-    naming its index and the missing field."""
+    naming its index and the missing field, and so does an ``offset`` past the last record."""
     if fmt == "tsv" or (fmt == "auto" and Path(path).suffix in (".tsv", ".txt")):
         return _load_pairs(path, n, offset)
     rows = json.loads(Path(path).read_text())
@@ -121,6 +121,7 @@ def load_records(
         fmt = detect_format(rows)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}")
+    _check_offset(path, offset, len(rows))
     out = []
     for i, r in enumerate(rows[offset : offset + n if n is not None else None], start=offset):
         try:
@@ -136,11 +137,17 @@ def load_records(
     return out
 
 
+def _check_offset(path: str | Path, offset: int, count: int) -> None:
+    if offset < 0 or (count and offset >= count):
+        raise ValueError(f"{path}: offset {offset} is outside its {count} records (0 to {count - 1})")
+
+
 def _load_pairs(path: str | Path, n: int | None, offset: int) -> list[EditRecord]:
     """``prompt<TAB>target`` lines (ZsRE's MEND train pairs): edits with no rephrase or locality. A
     line with an empty target (the file has some) is skipped: there is nothing to edit."""
     out = []
     lines = Path(path).read_text(encoding="utf-8").splitlines()
+    _check_offset(path, offset, len(lines))
     for i, line in enumerate(lines[offset : offset + n if n is not None else None], start=offset):
         prompt, tab, target = line.partition("\t")
         if not tab or not prompt.strip():

@@ -78,6 +78,17 @@ def test_rome_counterfact_records_load_with_paraphrase_and_neighbour(tmp_path):
     assert rec.subject == "suicide attack"
 
 
+def test_an_offset_past_the_last_record_is_an_error_not_an_empty_run(tmp_path):
+    path = write(tmp_path, [UNKE, UNKE])
+    assert len(load_records(path, offset=1)) == 1
+    with pytest.raises(ValueError, match="offset 2 is outside its 2 records"):
+        load_records(path, offset=2)
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("Who wrote Hamlet?\tShakespeare\n")
+    with pytest.raises(ValueError, match="offset 1 is outside its 1 records"):
+        load_records(pairs, offset=1)
+
+
 def test_bad_records_give_a_clear_error(tmp_path):
     broken = dict(UNKE)
     del broken["answer"]
