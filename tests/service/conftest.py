@@ -34,6 +34,31 @@ def wait_ready(client, timeout: float = 60.0) -> None:
     raise AssertionError(f"service not ready: {r.status_code} {r.text}")
 
 
+def first_archived_edit(archive: bytes) -> dict:
+    """The first line of a codebook archive's edits.jsonl."""
+    import io
+    import json
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        return json.loads(tar.extractfile("edits.jsonl").readline())
+
+
+def import_codebook(client, archive: bytes, headers: dict, applied) -> int:
+    """POST ``archive`` to /admin/import-codebook and wait until the engine has applied its first
+    edit (``applied(edit_id)`` true); returns that edit's id here."""
+    imported = client.post(
+        "/admin/import-codebook", content=archive, headers={**headers, "content-type": "application/x-tar"}
+    )
+    assert imported.status_code in (200, 201), imported.text
+    new_id = imported.json()["first_id"]
+    for _ in range(100):  # the engine applies the import from the event log
+        if applied(new_id):
+            break
+        client.get("/readyz")
+    return new_id
+
+
 class ThreadServer:
     """An app served by uvicorn on a free loopback port, in a thread of this process (so a test can
     reach its runtime), with logging left to the test's handlers."""

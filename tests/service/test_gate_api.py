@@ -4,9 +4,6 @@ codebook export; the gate then keeps a prompt from an edit whose relation it doe
 
 from __future__ import annotations
 
-import io
-import json
-import tarfile
 import time
 
 import torch
@@ -15,7 +12,7 @@ from fastapi.testclient import TestClient
 from horen_core import HorenConfig, HorenEditor, load_model
 from horen_core.gate import RelationGate
 from service.app import create_app
-from tests.service.conftest import wait_ready
+from tests.service.conftest import first_archived_edit, import_codebook, wait_ready
 from tests.service.test_api import TOKEN, make_settings
 
 PROMPT = "Which river flows through Cairo?"
@@ -41,8 +38,7 @@ def test_relation_vectors_are_stored_replayed_and_exported(tmp_path, tiny_model_
         assert c.post("/generate", json=ask).json()["edit_id"] == edit["id"]
         vector = c.app.state.runtime.editor.store.gates[edit["id"]].cpu()
         archive = c.get("/admin/export", headers=ADMIN).content
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        line = json.loads(tar.extractfile("edits.jsonl").readline())
+    line = first_archived_edit(archive)
     assert torch.allclose(torch.tensor(line["gate"]), vector)
 
     with TestClient(create_app(settings)) as c:  # a restart replays the vector from the database
@@ -55,16 +51,7 @@ def test_relation_vectors_are_stored_replayed_and_exported(tmp_path, tiny_model_
     with TestClient(create_app(other)) as c:
         wait_ready(c)
         unedited = c.post("/generate", json=ask).json()
-        imported = c.post(
-            "/admin/import-codebook", content=archive, headers={**ADMIN, "content-type": "application/x-tar"}
-        )
-        assert imported.status_code in (200, 201), imported.text
-        wait_ready(c)
-        new_id = imported.json()["first_id"]
-        for _ in range(100):  # the engine applies the import from the event log
-            if new_id in c.app.state.runtime.editor.store.gates:
-                break
-            c.get("/readyz")
+        new_id = import_codebook(c, archive, ADMIN, lambda e: e in c.app.state.runtime.editor.store.gates)
         assert torch.allclose(c.app.state.runtime.editor.store.gates[new_id].cpu(), vector)
         assert c.post("/generate", json=ask).json() == unedited  # gated away: another relation
 

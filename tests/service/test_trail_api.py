@@ -12,7 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from tests.service.conftest import wait_ready
+from tests.service.conftest import first_archived_edit, import_codebook, wait_ready
 from tests.service.test_api import TOKEN, make_settings
 
 PROMPT = "Which river flows through Cairo?"
@@ -33,8 +33,7 @@ def test_a_trail_is_stored_replayed_and_exported(tmp_path, tiny_model_dir):
         answer = c.post("/generate", json=ask).json()
         assert answer["edit_id"] == edit["id"] and answer["text"] != unedited
         archive = c.get("/admin/export", headers=ADMIN).content
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        line = json.loads(tar.extractfile("edits.jsonl").readline())
+    line = first_archived_edit(archive)
     assert torch.equal(torch.tensor(line["trail"]), trail)
 
     with TestClient(create_app(settings)) as c:  # a restart replays the trail from the database
@@ -44,15 +43,7 @@ def test_a_trail_is_stored_replayed_and_exported(tmp_path, tiny_model_dir):
 
     with TestClient(create_app(make_settings(tmp_path / "b", tiny_model_dir))) as c:
         wait_ready(c)
-        imported = c.post(
-            "/admin/import-codebook", content=archive, headers={**ADMIN, "content-type": "application/x-tar"}
-        )
-        assert imported.status_code in (200, 201), imported.text
-        new_id = imported.json()["first_id"]
-        for _ in range(100):  # the engine applies the import from the event log
-            if new_id in c.app.state.runtime.editor.store.trails:
-                break
-            c.get("/readyz")
+        new_id = import_codebook(c, archive, ADMIN, lambda e: e in c.app.state.runtime.editor.store.trails)
         assert torch.equal(c.app.state.runtime.editor.store.trails[new_id].cpu(), trail)
         assert c.post("/generate", json=ask).json()["text"] == answer["text"]
 
