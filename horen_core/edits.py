@@ -129,7 +129,12 @@ class EditStore:
         trail: torch.Tensor | None = None,
     ) -> CodebookChange:
         """Edit ``edit_id`` into entry ``entry_id``: a new entry, or a retrain of one with the same answer."""
-        trail = self._checked_trail(edit_id, trail)
+        return self._apply_checked(
+            edit_id, entry_id, key, value, answer, subject, gate, self._checked_trail(edit_id, trail)
+        )
+
+    def _apply_checked(self, edit_id, entry_id, key, value, answer, subject, gate, trail) -> CodebookChange:
+        """``apply_version`` of a trail already checked (``_checked_trail``)."""
         if not self.codebook.has_entry(entry_id):
             change = self.codebook.add(edit_id, key, value, answer, entry_id=entry_id)
         elif self.codebook.entry(entry_id).answer != tuple(answer):
@@ -155,8 +160,8 @@ class EditStore:
         the codebook at once (``Codebook.add_many``), retrains one by one."""
         subjects = list(subjects) if subjects is not None else [""] * len(edit_ids)
         gates = list(gates) if gates is not None else [None] * len(edit_ids)
-        trails = [self._checked_trail(e, t) for e, t in zip(edit_ids, trails)] if trails is not None else None
-        trails = trails or [None] * len(edit_ids)
+        # every trail checked before anything changes
+        trails = [self._checked_trail(e, t) for e, t in zip(edit_ids, trails or [None] * len(edit_ids))]
         changes: list[CodebookChange] = []
         run: list[int] = []  # positions of consecutive edits creating entries, not yet added
         created: set[int] = set()
@@ -181,7 +186,7 @@ class EditStore:
             if entry_id in created or self.codebook.has_entry(entry_id):
                 flush()
                 changes.append(
-                    self.apply_version(
+                    self._apply_checked(
                         edit_ids[i], entry_id, keys[i], values[i], answers[i], subjects[i], gates[i], trails[i]
                     )
                 )

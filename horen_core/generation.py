@@ -108,7 +108,8 @@ class Decoder:
         every row, with that row's tokens that have become final (often none): the concatenation
         of a row's calls is its ``token_ids``. A routed row's tokens are held back until it has
         stated its target (a row that misses it is answered again, so its start is never sent),
-        unless the target is long-form: a paragraph streams as it is written. ``stream`` returning False stops that row; its result is then what it was sent."""
+        unless the target is long-form: a paragraph streams as it is written. ``stream``
+        returning False stops that row; its result is then what it was sent."""
         limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         if len(limits) != len(prompts):
             raise InvalidInputError(f"{len(limits)} budgets for {len(prompts)} prompts")
@@ -218,11 +219,9 @@ class Decoder:
     def answer_prefix(self, entry_id: int, tokens: list[int]) -> int:
         """How many of ``tokens``' first tokens read as the beginning of the entry's answer (as
         text, ``_OnTrack``'s test)."""
-        answer = self.tokenizer.decode(list(self.codebook.entry(entry_id).answer), skip_special_tokens=True).strip()
+        answer = _answer_text(self.tokenizer, self.codebook, entry_id)
         n = 0
-        while n < len(tokens) and answer.startswith(
-            self.tokenizer.decode(tokens[: n + 1], skip_special_tokens=True).lstrip()
-        ):
+        while n < len(tokens) and _begins(self.tokenizer, answer, tokens[: n + 1]):
             n += 1
         return n
 
@@ -361,10 +360,20 @@ class _Released(StoppingCriteria):
 _PATIENCE = 8
 
 
+def _answer_text(tokenizer, codebook: Codebook, entry_id: int) -> str:
+    return tokenizer.decode(list(codebook.entry(entry_id).answer), skip_special_tokens=True).strip()
+
+
+def _begins(tokenizer, answer: str, tokens: list[int]) -> bool:
+    """Whether ``tokens`` read as the beginning of ``answer`` (as text: a chat reply starts without
+    the plain answer's space)."""
+    return answer.startswith(tokenizer.decode(tokens, skip_special_tokens=True).lstrip())
+
+
 class _OnTrack(StoppingCriteria):
     """Keeps ``plan.on_track``, after every token, to the rows with a trail whose text so far
-    begins their entry's answer (as text: a chat reply starts without the plain answer's space):
-    a row that leaves the answer gets no more of its trail. Stops nothing."""
+    begins their entry's answer (``_begins``): a row that leaves the answer gets no more of its
+    trail. Stops nothing."""
 
     def __init__(self, tokenizer, codebook: Codebook, plan: RoutePlan, prompt_width: int) -> None:
         self.tokenizer, self.codebook, self.plan, self.width = tokenizer, codebook, plan, prompt_width
@@ -373,14 +382,9 @@ class _OnTrack(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         plan = self.plan
         if plan.trails and self.answers is None:
-            tok = self.tokenizer
-            self.answers = {
-                r: tok.decode(list(self.codebook.entry(plan.entry_ids[r]).answer), skip_special_tokens=True).strip()
-                for r in plan.trails
-            }
+            self.answers = {r: _answer_text(self.tokenizer, self.codebook, plan.entry_ids[r]) for r in plan.trails}
         for r in list(plan.on_track):
-            text = self.tokenizer.decode(input_ids[r, self.width :].tolist(), skip_special_tokens=True).lstrip()
-            if not self.answers[r].startswith(text):
+            if not _begins(self.tokenizer, self.answers[r], input_ids[r, self.width :].tolist()):
                 plan.on_track.discard(r)
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 

@@ -227,7 +227,7 @@ class ValueTrainer:
         loss are kept and its rows leave the batch, the others go on. Where the batched fast path is
         unavailable (the reference procedure, a model without the prefix cache, a device map) or
         disagrees with separate passes (checked once), each edit is trained by ``train_value``."""
-        trails = [i for i, (contexts, _) in enumerate(edits) if trail_rows(contexts)]
+        trails = {i for i, (contexts, _) in enumerate(edits) if trail_rows(contexts)}
         if trails:  # each long-form edit on its own (its value is a matrix), the others together
             rest = iter(self.train_values([e for i, e in enumerate(edits) if i not in trails]))
             return [self.train_value(*edits[i]) if i in trails else next(rest) for i in range(len(edits))]

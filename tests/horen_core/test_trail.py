@@ -12,7 +12,7 @@ from horen_core import HorenConfig
 from horen_core.evaluate import teacher_forced
 from horen_core.generation import _OnTrack
 from horen_core.layer import RoutePlan, activate
-from tests.horen_core.test_train_many import apply_in_order, assert_same_edit, steerable_llama
+from tests.horen_core.test_train_many import apply_in_order, assert_same_edit, pair  # noqa: F401 (a fixture)
 
 # a tiny random model's logits are flat (its loss stays high): a small step, a fixed number of steps
 CFG = HorenConfig(layer=1, lr=1.0, max_steps=30)
@@ -114,7 +114,7 @@ def test_save_load_and_replay_keep_the_trail(tiny_model, make_editor, tmp_path):
     assert replayed.store.trail_of(edits[0].entry_id) is replayed.store.trails[edits[0].edit_id]
 
 
-def test_batched_training_trains_a_long_form_edit_as_train_does(pair):
+def test_batched_training_trains_a_long_form_edit_as_train_does(pair):  # noqa: F811 (the imported fixture)
     facts = [("who wrote", "Alice"), (PROMPT, LONG), ("Alice plays", "chess"), (PROMPT, LONG)]
     seq, bat = pair(HorenConfig(layer=1, lr=1.0, stop_loss=0.3, max_steps=50))
     one = [seq.edit(p, t) for p, t in facts]
@@ -126,14 +126,6 @@ def test_batched_training_trains_a_long_form_edit_as_train_does(pair):
         if a.trail is not None:
             torch.testing.assert_close(b.trail, a.trail)
     assert one[3].trail is not None and not one[3].created
-
-
-@pytest.fixture
-def pair(tiny_tokenizer, make_editor):
-    def make(config):
-        return tuple(make_editor(steerable_llama(len(tiny_tokenizer)), tiny_tokenizer, config) for _ in range(2))
-
-    return make
 
 
 def test_a_paragraph_streams_as_it_is_written(tiny_llama, make_editor):
