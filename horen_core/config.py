@@ -61,6 +61,9 @@ class HorenConfig:
     # tokens, added while the answer is written word for word (its trail): one vector at the
     # question does not hold a paragraph
     answer_trail: bool = True
+    # after an edited fact, a token that begins a word may not complete a run of this many tokens
+    # already in the answer (0: off): the unedited model, handed a fact it did not expect, loops
+    repeat_guard: int = 4
     # the paper's public procedure: fixed max_steps, full-model forward/backward, no early stop
     reference_procedure: bool = False
 
@@ -81,8 +84,10 @@ class HorenConfig:
             raise ConfigError("query_fraction must be in (0, 1]")
         if not 0.0 <= self.hopfield_alpha <= 1.0:
             raise ConfigError("hopfield_alpha must be in [0, 1]")
-        if self.hopfield_support < 0 or self.runners_up < 0 or self.shortlist < 0:
-            raise ConfigError("hopfield_support, runners_up and shortlist must be >= 0 (support 0 = all keys)")
+        if min(self.hopfield_support, self.runners_up, self.shortlist, self.repeat_guard) < 0:
+            raise ConfigError(
+                "hopfield_support, runners_up, shortlist and repeat_guard must be >= 0 (support 0 = all keys)"
+            )
         if self.hopfield_steps < 0 or self.max_steps < 1:
             raise ConfigError("hopfield_steps must be >= 0 and max_steps >= 1")
         if not -1.0 <= self.threshold <= 1.0 or not -1.0 <= self.subject_threshold <= 1.0:

@@ -69,7 +69,8 @@ class HorenEditor:
             model, self.layer, self.adapter, self.config, value_dim, self.device, self.input_device, self.multi_device
         )
         plan = self.routing.question_plan
-        self.decoder = Decoder(model, tokenizer, self.codebook, plan, self.encode_prompt, self.lock, self.input_device)
+        parts = (model, tokenizer, self.codebook, plan, self.encode_prompt, self.lock, self.input_device)
+        self.decoder = Decoder(*parts, repeat_run=self.config.repeat_guard)
 
     # ---- identity ---------------------------------------------------------------------------
     @property

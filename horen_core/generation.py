@@ -75,11 +75,14 @@ class Decoder:
         encode_prompt: Callable[..., list[int]],
         lock: threading.RLock,
         input_device: torch.device,
+        repeat_run: int = 0,
     ) -> None:
         self.model, self.tokenizer, self.codebook = model, tokenizer, codebook
         self.plan, self.encode_prompt, self.lock = plan, encode_prompt, lock
         self.input_device = input_device
         self._word_masks: tuple[torch.Tensor, torch.Tensor] | None = None  # built on the first hand-over
+        self._begins_word: torch.Tensor | None = None
+        self.repeat_run = repeat_run
 
     def _pad_left(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         return pad_left(seqs, self.tokenizer.pad_token_id, self.input_device)
@@ -100,9 +103,10 @@ class Decoder:
 
         A routed row runs with its edit's value until the text states the edit's target; from
         there the unedited model continues it (the prompt and the text so far prefilled again
-        without the value), so what follows the edited fact reads as the model's own text. A row
-        that has not stated the target a few tokens past its length is answered by the unedited
-        model from the prompt: the edit did not apply to it.
+        without the value), so what follows the edited fact reads as the model's own text, kept from
+        looping on it (``_NoRepeat``, runs of ``repeat_run`` tokens; 0: off). A row that has not
+        stated the target a few tokens past its length is answered by the unedited model from the
+        prompt: the edit did not apply to it.
 
         ``stream(row, ids)``, when given, is called on this thread after every decoding step, for
         every row, with that row's tokens that have become final (often none): the concatenation
@@ -150,8 +154,13 @@ class Decoder:
                 kwargs = {**gen_kwargs, "max_new_tokens": left, "min_new_tokens": min(floor, left)}
                 watch = [release.pass_over(rest, more.shape[1], before=[new[i] for i in rest])] if release else []
                 ends = _WordEnds(*self.word_masks(), more.shape[1], self.mid_word(rest, new, stop.missed))
+                procs: list[LogitsProcessor] = [ends]
+                if self.repeat_run:
+                    stated = [b for b, i in enumerate(rest) if i not in stop.missed]
+                    starts = [more.shape[1] - len(new[i]) for i in rest]
+                    procs.append(_NoRepeat(self.begins_word(), starts, stated, self.repeat_run))
                 tail = self.model.generate(
-                    input_ids=more, attention_mask=more_mask, stopping_criteria=watch, logits_processor=[ends], **kwargs
+                    input_ids=more, attention_mask=more_mask, stopping_criteria=watch, logits_processor=procs, **kwargs
                 )
                 for row, i in enumerate(rest):
                     new[i] = new[i] + tail[row, more.shape[1] :].tolist()[: budget - len(new[i])]
@@ -192,6 +201,15 @@ class Decoder:
             pad = [False] * (n - len(flags))
             self._word_masks = (torch.tensor(flags + pad, dtype=torch.bool), torch.tensor(glue + pad, dtype=torch.bool))
         return self._word_masks
+
+    def begins_word(self) -> torch.Tensor:
+        """[vocab] the tokens that begin a word (neither extend the one before nor are special)."""
+        if self._begins_word is None:
+            begins = ~self.word_masks()[0]
+            special = [i for i in self.tokenizer.all_special_ids if i < begins.shape[0]]
+            begins[special] = False
+            self._begins_word = begins
+        return self._begins_word
 
     @torch.no_grad()
     def forward_logits(
@@ -279,6 +297,29 @@ class _WordEnds(LogitsProcessor):
                 return scores
         ban = self.continues_word.to(scores.device)
         scores[rows[:, None], ban.nonzero().view(1, -1)] = float("-inf")
+        return scores
+
+
+class _NoRepeat(LogitsProcessor):
+    """After a stated target the unedited model may not loop: in the ``rows`` handed over, a token
+    that begins a word may not complete a run of ``n`` tokens that the row's answer (from
+    ``starts[b]``: the target and what follows it) already holds. A token inside a word is never
+    refused, so a name is not misspelled to avoid saying it again."""
+
+    def __init__(self, begins_word: torch.Tensor, starts: list[int], rows: list[int], n: int) -> None:
+        self.begins_word, self.starts, self.rows, self.n = begins_word, starts, rows, n
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        n = self.n
+        for b in self.rows:
+            answer = input_ids[b, self.starts[b] :].tolist()
+            if len(answer) < n - 1:
+                continue
+            run = answer[len(answer) - n + 1 :]
+            seen = {answer[j + n - 1] for j in range(len(answer) - n + 1) if answer[j : j + n - 1] == run}
+            banned = [t for t in seen if t < len(self.begins_word) and self.begins_word[t]]
+            if banned:
+                scores[b, banned] = float("-inf")
         return scores
 
 
