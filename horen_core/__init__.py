@@ -8,7 +8,7 @@ the prompt names the edit's subject and asks its relation (a fitted relation gat
 layer input, where the model has one), that entry's value is added to the layer's output at the
 question's last token. Each edit trains one value so the target is decoded in the plain and the
 chat context alike, and a routed answer is handed to the unedited model once it has stated the
-target. An edit whose answer is a paragraph also trains a value for each of the answer's tokens
+target (a word may not complete a run of tokens the answer already holds). An edit whose answer is a paragraph also trains a value for each of the answer's tokens
 (its trail), added at that token while the text still follows the answer."""
 
 from horen_core.codebook import Codebook, CodebookChange
