@@ -81,7 +81,7 @@ class Decoder:
         self.plan, self.encode_prompt, self.lock = plan, encode_prompt, lock
         self.input_device = input_device
         self._word_masks: tuple[torch.Tensor, torch.Tensor] | None = None  # built on the first hand-over
-        self._begins_word: torch.Tensor | None = None
+        self._word_edges: tuple[torch.Tensor, torch.Tensor] | None = None
         self.repeat_run = repeat_run
 
     def _pad_left(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +158,7 @@ class Decoder:
                 if self.repeat_run:
                     stated = [b for b, i in enumerate(rest) if i not in stop.missed]
                     starts = [more.shape[1] - len(new[i]) for i in rest]
-                    procs.append(_NoRepeat(self.begins_word(), starts, stated, self.repeat_run))
+                    procs.append(_NoRepeat(*self.word_edges(), starts, stated, self.repeat_run, self.tokenizer))
                 tail = self.model.generate(
                     input_ids=more, attention_mask=more_mask, stopping_criteria=watch, logits_processor=procs, **kwargs
                 )
@@ -202,14 +202,19 @@ class Decoder:
             self._word_masks = (torch.tensor(flags + pad, dtype=torch.bool), torch.tensor(glue + pad, dtype=torch.bool))
         return self._word_masks
 
-    def begins_word(self) -> torch.Tensor:
-        """[vocab] the tokens that begin a word (neither extend the one before nor are special)."""
-        if self._begins_word is None:
+    def word_edges(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two [vocab] masks: the tokens that begin a word wherever they stand (they extend no word
+        before them, ``word_masks``) and the tokens after which any token begins one (their text
+        ends in neither a letter nor a digit: "\\n", ","); special tokens are in neither."""
+        if self._word_edges is None:
             begins = ~self.word_masks()[0]
-            special = [i for i in self.tokenizer.all_special_ids if i < begins.shape[0]]
-            begins[special] = False
-            self._begins_word = begins
-        return self._begins_word
+            n = begins.shape[0]
+            texts = self.tokenizer.batch_decode([[i] for i in range(min(n, len(self.tokenizer)))])
+            opens = torch.tensor([not t[-1:].isalnum() for t in texts] + [False] * (n - len(texts)))
+            special = [i for i in self.tokenizer.all_special_ids if i < n]
+            begins[special], opens[special] = False, False
+            self._word_edges = (begins, opens)
+        return self._word_edges
 
     @torch.no_grad()
     def forward_logits(
@@ -302,22 +307,27 @@ class _WordEnds(LogitsProcessor):
 
 class _NoRepeat(LogitsProcessor):
     """After a stated target the unedited model may not loop: in the ``rows`` handed over, a token
-    that begins a word may not complete a run of ``n`` tokens that the row's answer (from
-    ``starts[b]``: the target and what follows it) already holds. A token inside a word is never
-    refused, so a name is not misspelled to avoid saying it again."""
+    that begins a word (``begins``, or any but a special token after one in ``opens``) may not
+    complete a run of ``n`` tokens that the row's answer (from ``starts[b]``: the target and what
+    follows it) already holds. A token inside a word is never refused, so a name is not misspelled
+    to avoid saying it again."""
 
-    def __init__(self, begins_word: torch.Tensor, starts: list[int], rows: list[int], n: int) -> None:
-        self.begins_word, self.starts, self.rows, self.n = begins_word, starts, rows, n
+    def __init__(
+        self, begins: torch.Tensor, opens: torch.Tensor, starts: list[int], rows: list[int], n: int, tokenizer
+    ) -> None:
+        self.begins, self.opens, self.starts, self.rows, self.n = begins, opens, starts, rows, n
+        self.special = set(tokenizer.all_special_ids)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        n = self.n
+        n, size = self.n, len(self.begins)
         for b in self.rows:
             answer = input_ids[b, self.starts[b] :].tolist()
             if len(answer) < n - 1:
                 continue
             run = answer[len(answer) - n + 1 :]
             seen = {answer[j + n - 1] for j in range(len(answer) - n + 1) if answer[j : j + n - 1] == run}
-            banned = [t for t in seen if t < len(self.begins_word) and self.begins_word[t]]
+            after_word = run[-1] < size and bool(self.opens[run[-1]])
+            banned = [t for t in seen if t < size and t not in self.special and (after_word or self.begins[t])]
             if banned:
                 scores[b, banned] = float("-inf")
         return scores

@@ -201,12 +201,13 @@ def test_a_long_form_answer_is_kept_when_it_is_not_stated_verbatim(tiny_llama, m
     assert got.token_ids and got.token_ids != unedited.token_ids
 
 
-def _repeats(answer: list[int], begins) -> list[int]:
+def _repeats(answer: list[int], begins, opens) -> list[int]:
     """Positions where a token that begins a word completes a 4-token run seen earlier in ``answer``."""
     return [
         k
         for k in range(4, len(answer))
-        if begins[answer[k]] and any(answer[j : j + 4] == answer[k - 3 : k + 1] for j in range(k - 3))
+        if (begins[answer[k]] or opens[answer[k - 1]])
+        and any(answer[j : j + 4] == answer[k - 3 : k + 1] for j in range(k - 3))
     ]
 
 
@@ -221,18 +222,20 @@ def test_the_text_after_a_stated_target_does_not_loop(tiny_tokenizer, make_edito
     tok = copy.deepcopy(tiny_tokenizer)
     tok.add_tokens(["##o"])
     editor = make_editor(build_tiny_model("llama", len(tok)), tok, HorenConfig(layer=1))
-    begins = editor.decoder.begins_word()
-    piece, eos = tok.convert_tokens_to_ids("##o"), tok.eos_token_id
+    begins, opens = editor.decoder.word_edges()
+    piece, eos, mark = tok.convert_tokens_to_ids("##o"), tok.eos_token_id, tok.convert_tokens_to_ids("?")
     a, b, c, d = tok("where was Bob born", add_special_tokens=False)["input_ids"]
-    assert begins[a] and not begins[piece] and not begins[eos]
-    guard = _NoRepeat(begins, starts=[1, 1], rows=[0], n=4)
+    assert begins[a] and not begins[piece] and not begins[eos] and opens[mark] and not opens[a] and not opens[eos]
+    guard = _NoRepeat(begins, opens, starts=[1, 1], rows=[0], n=4, tokenizer=tok)
     seen = torch.tensor([[eos, a, b, c, d, a, b, c], [eos, a, b, c, d, a, b, c]])
     out = guard(seen, torch.zeros(2, len(tok)))
     assert torch.isinf(out[0, d]) and torch.isinf(out[0]).sum() == 1, "only what completes the run, in its rows"
     assert not torch.isinf(out[1]).any()
     pieces = torch.tensor([[eos, a, b, c, piece, a, b, c]])
     assert not torch.isinf(guard(pieces, torch.zeros(1, len(tok)))).any(), "a word piece is never refused"
-    before = _NoRepeat(begins, starts=[5], rows=[0], n=4)
+    after_mark = torch.tensor([[eos, a, b, mark, piece, a, b, mark]])
+    assert torch.isinf(guard(after_mark, torch.zeros(1, len(tok)))[0, piece]), "after '?' a piece begins a word"
+    before = _NoRepeat(begins, opens, starts=[5], rows=[0], n=4, tokenizer=tok)
     assert not torch.isinf(before(seen[:1], torch.zeros(1, len(tok)))).any(), "the prompt is not the answer"
 
 
@@ -247,7 +250,7 @@ def test_a_looping_continuation_is_kept_from_repeating(tiny_factory, tiny_tokeni
         res = editor.edit(prompt, "Lima")
         got = editor.generate([prompt], max_new_tokens=n, min_new_tokens=n)[0]
         assert got.entry_id == res.entry_id and got.token_ids[: len(res.answer)] == list(res.answer)
-        texts[run] = _repeats(got.token_ids, editor.decoder.begins_word())
+        texts[run] = _repeats(got.token_ids, *editor.decoder.word_edges())
         editor.unwrap()
     assert texts[0], "the unguarded answer loops (what the guard is for)"
     assert not texts[4]
