@@ -84,10 +84,10 @@ class HorenConfig:
             raise ConfigError("query_fraction must be in (0, 1]")
         if not 0.0 <= self.hopfield_alpha <= 1.0:
             raise ConfigError("hopfield_alpha must be in [0, 1]")
-        if min(self.hopfield_support, self.runners_up, self.shortlist, self.repeat_guard) < 0:
-            raise ConfigError(
-                "hopfield_support, runners_up, shortlist and repeat_guard must be >= 0 (support 0 = all keys)"
-            )
+        if min(self.hopfield_support, self.runners_up, self.shortlist) < 0:
+            raise ConfigError("hopfield_support, runners_up and shortlist must be >= 0 (support 0 = all keys)")
+        if self.repeat_guard == 1 or self.repeat_guard < 0:  # a run of one token has no token before it
+            raise ConfigError("repeat_guard must be 0 (off) or at least 2")
         if self.hopfield_steps < 0 or self.max_steps < 1:
             raise ConfigError("hopfield_steps must be >= 0 and max_steps >= 1")
         if not -1.0 <= self.threshold <= 1.0 or not -1.0 <= self.subject_threshold <= 1.0:

@@ -94,6 +94,8 @@ def test_edit_id_already_in_use(editor):
         {"max_steps": 0},
         {"threshold": 1.5},
         {"threshold": -2.0},
+        {"repeat_guard": 1},
+        {"repeat_guard": -1},
     ],
 )
 def test_bad_config_raises_config_error(tiny_llama, bad):
