@@ -57,6 +57,9 @@ class HorenConfig:
     # (0: only the best; 31: every key of a 32-key support; a question's nearest keys are often
     # other subjects' edits of its relation)
     runners_up: int = 31
+    # after those, a prompt may read the entries of the edits whose subject it names, however far
+    # down its nearest keys they are (among thousands of keys a rephrase's own is often crowded out)
+    subject_lookup: bool = True
     # an edit whose answer is a paragraph (over 12 words) also gets a value at each of the answer's
     # tokens, added while the answer is written word for word (its trail): one vector at the
     # question does not hold a paragraph

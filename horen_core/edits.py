@@ -15,6 +15,7 @@ from safetensors import safe_open
 from horen_core.codebook import Codebook, CodebookChange
 from horen_core.errors import CorruptStateError
 from horen_core.routing import Router
+from horen_core.subjects import SubjectIndex
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,36 @@ class EditResult(TrainedEdit):
 class EditStore:
     def __init__(self, codebook: Codebook, router: Router, device: torch.device) -> None:
         self.codebook, self.router, self.device = codebook, router, device
-        self.subjects: dict[int, str] = {}  # edit id -> its subject; an entry is gated by its owner edit's
+        self._subjects: dict[int, str] = {}  # edit id -> its subject; an entry is gated by its owner edit's
+        self._named: SubjectIndex | None = None  # built from ``subjects`` when first asked
         self.gates: dict[int, torch.Tensor] = {}  # edit id -> its relation vector (see horen_core.gate)
         self.trails: dict[int, torch.Tensor] = {}  # edit id -> its values at the answer's tokens [m, dv]
         self.next_edit_id = 1
+
+    @property
+    def subjects(self) -> dict[int, str]:
+        """Edit id -> its subject. Change it through the store (``add``, ``rollback``...), or assign a
+        whole new dict; the index of ``named`` follows both."""
+        return self._subjects
+
+    @subjects.setter
+    def subjects(self, subjects: dict[int, str]) -> None:
+        self._subjects, self._named = subjects, None
+
+    def named(self, text: str) -> list[int]:
+        """The edits whose subject ``text`` mentions (``SubjectIndex.named``), live or not."""
+        if self._named is None:
+            self._named = SubjectIndex(self._subjects)
+        return self._named.named(text)
+
+    def _set_subject(self, edit_id: int, subject: str | None) -> None:
+        old = self._subjects.pop(edit_id, None)
+        if self._named is not None and old is not None:
+            self._named.discard(edit_id, old)
+        if subject is not None:
+            self._subjects[edit_id] = subject
+            if self._named is not None:
+                self._named.add(edit_id, subject)
 
     def add(
         self,
@@ -80,7 +107,7 @@ class EditStore:
     def _own(self, edit_id: int, subject: str, gate: torch.Tensor | None, trail: torch.Tensor | None = None) -> None:
         """What the editor keeps of an edit that is now in the codebook, beside it."""
         self.next_edit_id = max(self.next_edit_id, edit_id + 1)
-        self.subjects[edit_id] = subject
+        self._set_subject(edit_id, subject)
         self._set_relation(edit_id, gate)
         if trail is None:
             self.trails.pop(edit_id, None)
@@ -112,7 +139,7 @@ class EditStore:
     def rollback(self, edit_id: int) -> CodebookChange:
         change = self.codebook.rollback(edit_id)
         self.router.apply([change])
-        self.subjects.pop(edit_id, None)
+        self._set_subject(edit_id, None)
         self.gates.pop(edit_id, None)
         self.trails.pop(edit_id, None)
         return change

@@ -62,6 +62,8 @@ class GatedRouter:
             options = [(r, float(scores[i]))]
             if nexts:
                 options += [(a, b) for a, b in zip(nexts[i], next_scores[i]) if a >= 0]
+            if texts is not None and self.config.subject_lookup:
+                options += self._named_options(queries[i], texts[i], {a for a, _ in options})
             for row, score in options:
                 if row >= 0 and self._keeps(cb.entry_id_at(row), score, i, texts, relation):
                     chosen[i] = row
@@ -74,6 +76,26 @@ class GatedRouter:
             values[hit] = cb.values[rows[hit].to(keys.device)]
         entry_ids = [cb.entry_id_at(int(r)) if r >= 0 else None for r in rows.tolist()]
         return values, entry_ids, scores
+
+    def _named_options(self, query: torch.Tensor, text: str, seen: set[int]) -> list[tuple[int, float]]:
+        """The rows, not in ``seen``, of the live entries whose subject ``text`` names, with the
+        cosine of the unrefined ``query`` to their keys, best first, down to the retriever's floor:
+        among thousands of keys a question's nearest are often other subjects' edits of its
+        relation, and crowd out the one it names."""
+        cb = self.codebook
+        rows = []
+        for edit_id in self.store.named(text):
+            entry = cb.entry_of_edit(edit_id)
+            if entry is not None and cb.owner_edit(entry) == edit_id:
+                row = cb.row_of(entry)
+                if row not in seen:
+                    rows.append(row)
+        if not rows:
+            return []
+        keys = cb.keys[torch.tensor(rows, device=cb.keys.device)]
+        cos = (keys @ query.to(keys.device, keys.dtype)).tolist()
+        floor = self.router.retriever.threshold
+        return sorted(((r, c) for r, c in zip(rows, cos) if c >= floor), key=lambda rc: -rc[1])
 
     def _keeps(
         self,

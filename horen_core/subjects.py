@@ -71,3 +71,46 @@ def resolve_subject(question: str, subject: str | None) -> str:
     if subject is not None:
         return subject.strip()
     return infer_subject(question) or ""
+
+
+_RUN = re.compile(r"\w+")
+
+
+class SubjectIndex:
+    """Which edits' subjects a text names, without testing every subject: each subject is filed
+    under its first word, and a text's words pick the subjects that may start there, confirmed with
+    ``mentions``. A subject is found only where it starts a word ("Paris" in "Paris, France", not
+    in "Parisian"); a subject with no word characters is never found."""
+
+    def __init__(self, subjects: dict[int, str] | None = None) -> None:
+        self._by_word: dict[str, dict[int, str]] = {}
+        for edit_id, subject in (subjects or {}).items():
+            self.add(edit_id, subject)
+
+    @staticmethod
+    def _first_word(subject: str) -> str | None:
+        m = _RUN.search(normalise(subject))
+        return m.group() if m else None
+
+    def add(self, edit_id: int, subject: str) -> None:
+        word = self._first_word(subject)
+        if word is not None:
+            self._by_word.setdefault(word, {})[edit_id] = subject
+
+    def discard(self, edit_id: int, subject: str) -> None:
+        word = self._first_word(subject)
+        edits = self._by_word.get(word) if word is not None else None
+        if edits is not None:
+            edits.pop(edit_id, None)
+            if not edits:
+                del self._by_word[word]
+
+    def named(self, text: str) -> list[int]:
+        """The edit ids whose subject ``text`` mentions, each once."""
+        norm = normalise(text)
+        found: list[int] = []
+        for word in dict.fromkeys(_RUN.findall(norm)):
+            for edit_id, subject in self._by_word.get(word, {}).items():
+                if normalise(subject) in norm:
+                    found.append(edit_id)
+        return found

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from horen_core import HorenConfig
-from horen_core.subjects import infer_subject, mentions, resolve_subject
+from horen_core.subjects import SubjectIndex, infer_subject, mentions, resolve_subject
 
 
 @pytest.mark.parametrize(
@@ -77,4 +77,35 @@ def test_a_prompt_turned_down_by_its_best_entry_reads_the_next_one(tiny_factory,
     routed = editor.generate([prompt], max_new_tokens=4)[0]
     assert routed.edit_id == france.edit_id and routed.text.strip().startswith("Paris")
     editor.config.runners_up = 0
+    editor.config.subject_lookup = False
     assert editor.generate([prompt], max_new_tokens=4)[0].entry_id is None
+
+
+def test_a_prompt_reads_the_edit_it_names_when_other_keys_crowd_it_out(tiny_factory, tiny_tokenizer, make_editor):
+    """Among many keys, a question's nearest are often other subjects' edits: with only its
+    nearest key attended (support 1, no runners-up) the edit whose subject it names is still found
+    by name (``subject_lookup``), and not without it."""
+    cfg = HorenConfig(**{**CFG.to_dict(), "hopfield_support": 1, "runners_up": 0})
+    editor = make_editor(tiny_factory("llama"), tiny_tokenizer, cfg)
+    question = "the capital of France is"
+    france = editor.edit("capital of France is", "Paris", subject="France")
+    spain = editor.edit(question, "Rome", subject="Spain")  # the question's own key: nearer, not named
+    assert spain.entry_id != france.entry_id
+    routed = editor.generate([question], max_new_tokens=4)[0]
+    assert routed.edit_id == france.edit_id and routed.text.strip().startswith("Paris")
+    editor.rollback(france.edit_id)  # the index follows a rollback
+    assert editor.generate([question], max_new_tokens=4)[0].entry_id is None
+    editor.config.subject_lookup = False
+    again = editor.edit("capital of France is", "Paris", subject="France")
+    assert again.entry_id != spain.entry_id
+    assert editor.generate([question], max_new_tokens=4)[0].entry_id is None
+
+
+def test_subject_index_finds_names_at_word_starts_and_follows_changes():
+    index = SubjectIndex({1: "Paris", 2: "New York", 3: "!!", 4: "york"})
+    assert index.named("Where is paris?") == [1]
+    assert index.named("A Parisian in New   York") == [2, 4]
+    assert index.named("!! anything") == []
+    index.discard(2, "New York")
+    index.add(5, "Parisian")
+    assert sorted(index.named("A Parisian in New York")) == [4, 5]
