@@ -60,6 +60,9 @@ class HorenConfig:
     # after those, a prompt may read the entries of the edits whose subject it names, however far
     # down its nearest keys they are (among thousands of keys a rephrase's own is often crowded out)
     subject_lookup: bool = True
+    # a prompt that rules an edit's target out ("The occupation of X, which is not geohasher, is")
+    # does not read that edit: its value asks for the target next
+    negations: bool = True
     # an edit whose answer is a paragraph (over 12 words) also gets a value at each of the answer's
     # tokens, added while the answer is written word for word (its trail): one vector at the
     # question does not hold a paragraph

@@ -19,7 +19,7 @@ from horen_core.gate import RelationGate, span_features
 from horen_core.layer import HorenLayer, RoutePlan, compute_queries
 from horen_core.prompting import ChatFormat, last_sentence_start
 from horen_core.routing import Router
-from horen_core.subjects import mentions
+from horen_core.subjects import mentions, rules_out
 from horen_core.training import _Context
 
 
@@ -38,6 +38,7 @@ class GatedRouter:
         self.codebook, self.router, self.store, self.layer, self.config = codebook, router, store, layer, config
         self.chat, self.tokenizer, self.input_device = chat, tokenizer, input_device
         self.gate: RelationGate | None = None  # the relation gate of edits made from now on (None: none)
+        self._targets: dict[tuple[int, ...], str] = {}  # answer token ids -> their text
 
     def route(
         self,
@@ -46,7 +47,7 @@ class GatedRouter:
         relation: Callable[[int, str], torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, list[int | None], torch.Tensor]:
         """Route unit queries. With ``texts`` (each row's question), a row reads no entry whose
-        subject it does not mention; with ``relation`` (row, subject -> the row's relation vector),
+        subject it does not mention or whose target it rules out (``rules_out``, with ``negations``); with ``relation`` (row, subject -> the row's relation vector),
         none whose edit's vector is too far from the row's. A row below ``threshold`` (down to
         ``subject_threshold``) reads an entry only when both gates were checked. With ``texts``, a
         row turned down by its best entry reads the first of the ``runners_up`` next ones that its
@@ -112,7 +113,20 @@ class GatedRouter:
         owner = self.codebook.owner_edit(entry)
         subject = self.store.subjects.get(owner, "")
         gated = bool(subject) and relation is not None and self.gate is not None and owner in self.store.gates
-        return (gated or not below) and mentions(subject, texts[i]) and self._same_relation(entry, relation, i, subject)
+        return (
+            (gated or not below)
+            and mentions(subject, texts[i])
+            and not (self.config.negations and rules_out(self._target(entry), texts[i]))
+            and self._same_relation(entry, relation, i, subject)
+        )
+
+    def _target(self, entry: int) -> str:
+        """The text of an entry's answer (decoded once per answer)."""
+        answer = self.codebook.entry(entry).answer
+        text = self._targets.get(answer)
+        if text is None:
+            text = self._targets[answer] = self.tokenizer.decode(list(answer), skip_special_tokens=True).strip()
+        return text
 
     def _same_relation(
         self, entry: int, relation: Callable[[int, str], torch.Tensor | None] | None, row: int, subject: str

@@ -114,3 +114,22 @@ class SubjectIndex:
                 if normalise(subject) in norm:
                     found.append(edit_id)
         return found
+
+
+# words that rule out what follows them ("which is not geohasher", "other than Paris")
+_NEGATIONS = r"(?:(?<![\w'])(?:not|never|other than|besides|except|apart from|excluding|rather than|instead of)|n't)"
+
+
+def _plain(text: str) -> str:
+    return normalise(text.replace("’", "'"))
+
+
+def rules_out(target: str, text: str) -> bool:
+    """Whether ``text`` rules ``target`` out: a negation right before it ("The occupation of X,
+    which is not geohasher, is"; "not a", "not the" allowed between), case and spacing ignored,
+    the target as whole words."""
+    t = _plain(target)
+    if not t:
+        return False
+    pattern = _NEGATIONS + r"\s+(?:(?:a|an|the)\s+)?" + re.escape(t) + r"(?!\w)"
+    return re.search(pattern, _plain(text)) is not None

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from horen_core import HorenConfig
-from horen_core.subjects import SubjectIndex, infer_subject, mentions, resolve_subject
+from horen_core.subjects import SubjectIndex, infer_subject, mentions, resolve_subject, rules_out
 
 
 @pytest.mark.parametrize(
@@ -109,3 +110,39 @@ def test_subject_index_finds_names_at_word_starts_and_follows_changes():
     index.discard(2, "New York")
     index.add(5, "Parisian")
     assert sorted(index.named("A Parisian in New York")) == [4, 5]
+
+
+@pytest.mark.parametrize(
+    "text, ruled_out",
+    [
+        ("The occupation of Martín Solares, which is not geohasher, is", True),
+        ("The occupation of Jennifer D McCabe, which is not McDonald’s, is", True),
+        ("Who, other than the Geohasher, lives there?", True),
+        ("Martín Solares isn't a geohasher; he is a", True),
+        ("The occupation of Martín Solares is", False),
+        ("Is Martín Solares a geohasher?", False),
+        ("which is not geohashers", False),  # another word
+    ],
+)
+def test_rules_out(text, ruled_out):
+    target = "McDonald's" if "McDonald" in text else "geohasher"
+    assert rules_out(target, text) is ruled_out
+    assert not rules_out("", text)
+
+
+def test_a_prompt_that_rules_the_target_out_does_not_read_the_edit(tiny_factory, tiny_tokenizer, make_editor):
+    """KnowEdit's Forgetfulness prompts ask the edited relation while saying the answer is not the
+    new target: the edit's value would say it anyway. Routed here on the edit's own key, so that
+    only the text differs."""
+    editor = make_editor(tiny_factory("llama"), tiny_tokenizer, CFG)
+    edit = editor.edit("the capital of France is", "Rome", subject="France")
+    query = torch.nn.functional.normalize(edit.key, dim=-1)[None]
+
+    def routed(text: str) -> int | None:
+        return editor.routing.route(query, [text])[1][0]
+
+    assert routed("The capital of France, which is not Rome, is") is None
+    assert routed("The capital of France, which is not Paris, is") == edit.entry_id
+    assert routed("The capital of France is") == edit.entry_id
+    editor.config.negations = False
+    assert routed("The capital of France, which is not Rome, is") == edit.entry_id
