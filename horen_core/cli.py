@@ -23,6 +23,7 @@ from horen_core.evaluate import (
     load_records,
     routes,
     score,
+    specificity_summary,
     summarize,
     summarize_routes,
     summarize_user,
@@ -219,6 +220,9 @@ def _score(editor, records, edit_of, done, baselines, args, user, chat) -> tuple
     for row, extra in zip(rows, routes(editor, chosen, [edit_of[i] for i in idx])):
         row.update(extra)
     summary = summarize(rows) | summarize_routes(rows)
+    spec = [i for i in idx if records[i].specificity]
+    if spec:  # every scored record's, not only the user sample's
+        summary |= specificity_summary(editor, [records[i] for i in spec], baselines.specificity(spec))
     if user:
         uidx = idx[: args.user_sample] if args.user_sample else idx
         base = baselines.user(uidx)

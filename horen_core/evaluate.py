@@ -449,6 +449,19 @@ def user_scores(editor: HorenEditor, records: Sequence[EditRecord], baseline: di
     return rows
 
 
+def specificity_summary(editor: HorenEditor, records: Sequence[EditRecord], baseline: Sequence[list[int]]) -> dict:
+    """Over every specificity prompt of ``records`` (``baseline``: the unedited model's answers to
+    them, in order): the share whose ``LOCAL_TOKENS``-token answer is unchanged and the share
+    routed to an edit, each prompt counted once, and how many prompts."""
+    got = answers(editor, [p for r in records for p in r.specificity], LOCAL_TOKENS)
+    n = len(got)
+    return {
+        "relation_specificity": round(sum(g.token_ids == b for g, b in zip(got, baseline)) / n, 4) if n else None,
+        "relation_specificity_routed": round(sum(g.edit_id is not None for g in got) / n, 4) if n else None,
+        "relation_specificity_prompts": n,
+    }
+
+
 def _per_record(idx: Sequence[int], key: str, values: Sequence[float]) -> tuple[list[int], str, list[float]]:
     """Mean of the values that belong to each record (``idx[j]`` is the record of ``values[j]``)."""
     per: dict[int, list[float]] = {}

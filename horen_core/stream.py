@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from horen_core.editor import HorenEditor
-from horen_core.evaluate import EditRecord, load_records, locality_outputs, user_baseline
+from horen_core.evaluate import LOCAL_TOKENS, EditRecord, answers, load_records, locality_outputs, user_baseline
 
 GENERATED = "generated"  # the source of filler facts; never scored
 
@@ -101,6 +101,7 @@ class Baselines:
         self.editor, self.records, self.chat = editor, records, chat
         self._loc: dict[int, list[int] | None] = {}
         self._user: dict[int, dict] = {}
+        self._spec: dict[int, list[list[int]]] = {}
 
     def locality(self, idx: Sequence[int]) -> list[list[int] | None]:
         """``locality_outputs`` of the unedited model, aligned with ``idx``."""
@@ -110,6 +111,18 @@ class Baselines:
                 got = locality_outputs(self.editor, [self.records[i] for i in missing])
             self._loc.update(zip(missing, got))
         return [self._loc[i] for i in idx]
+
+    def specificity(self, idx: Sequence[int]) -> list[list[int]]:
+        """The unedited model's ``LOCAL_TOKENS``-token answers to the specificity prompts of the
+        records ``idx``, in their order, concatenated."""
+        missing = [i for i in idx if i not in self._spec and self.records[i].specificity]
+        if missing:
+            prompts = [p for i in missing for p in self.records[i].specificity]
+            with self.editor.unedited():
+                got = iter(g.token_ids for g in answers(self.editor, prompts, LOCAL_TOKENS))
+            for i in missing:
+                self._spec[i] = [next(got) for _ in self.records[i].specificity]
+        return [a for i in idx for a in self._spec.get(i, [])]
 
     def user(self, idx: Sequence[int]) -> dict:
         """``user_baseline`` of the records ``idx``, in their order."""

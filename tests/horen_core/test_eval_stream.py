@@ -81,9 +81,32 @@ def test_baselines_kept_per_record_equal_one_call(tiny_llama, make_editor):
     joined = base.user([0, 1, 2, 3])
     assert joined == user_baseline(editor, records, chat=False)
     with editor.unedited():
-        from horen_core.evaluate import locality_outputs
+        from horen_core.evaluate import LOCAL_TOKENS, answers, locality_outputs
 
         assert base.locality([3, 2, 0]) == [locality_outputs(editor, records)[i] for i in (3, 2, 0)]
+        spec = [
+            g.token_ids
+            for g in answers(editor, ["who plays golf ?", "who plays chess ?", "where is Rome ?"], LOCAL_TOKENS)
+        ]
+    base.specificity([0])
+    assert base.specificity([3, 1, 0]) == spec  # records without specificity prompts add nothing
+
+
+def test_specificity_is_scored_over_every_prompt(tiny_llama, make_editor):
+    """``specificity_summary``: a specificity prompt routed to an edit and answered otherwise counts
+    as changed and routed; one the edits leave alone, as neither."""
+    from horen_core.evaluate import LOCAL_TOKENS, answers, specificity_summary
+
+    model, tok = tiny_llama
+    editor = make_editor(model, tok, HorenConfig(layer=1, lr=1.0, stop_loss=0.3, relation_gate=False))
+    edited, other = "Alice plays the game of", "the river in Cairo is"
+    records = [EditRecord("x", "y", None, None, None, specificity=(edited, other))]
+    with editor.unedited():
+        before = [g.token_ids for g in answers(editor, [edited, other], LOCAL_TOKENS)]
+    assert specificity_summary(editor, records, before)["relation_specificity"] == 1.0
+    editor.edit(edited, "chess", subject="Alice")
+    got = specificity_summary(editor, records, before)
+    assert got == {"relation_specificity": 0.5, "relation_specificity_routed": 0.5, "relation_specificity_prompts": 2}
 
 
 def test_eval_saves_progress_and_a_longer_run_resumes_it(tmp_path, tiny_llama):
