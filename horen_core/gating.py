@@ -47,11 +47,13 @@ class GatedRouter:
         relation: Callable[[int, str], torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, list[int | None], torch.Tensor]:
         """Route unit queries. With ``texts`` (each row's question), a row reads no entry whose
-        subject it does not mention or whose target it rules out (``rules_out``, with ``negations``); with ``relation`` (row, subject -> the row's relation vector),
-        none whose edit's vector is too far from the row's. A row below ``threshold`` (down to
+        subject it does not mention, nor (with ``negations``) one whose target it rules out
+        (``rules_out``); with ``relation`` (row, subject -> the row's relation vector), none whose
+        edit's vector is too far from the row's. A row below ``threshold`` (down to
         ``subject_threshold``) reads an entry only when both gates were checked. With ``texts``, a
         row turned down by its best entry reads the first of the ``runners_up`` next ones that its
-        gates let through. Returns the values, entry ids (None: not routed) and cosines."""
+        gates let through, then (with ``subject_lookup``) the entries of the edits whose subject it
+        names, nearest first. Returns the values, entry ids (None: not routed) and cosines."""
         cb = self.codebook
         keys = cb.keys
         routing = self.router.route(queries, self.config.runners_up if texts is not None else 0)
