@@ -33,6 +33,10 @@ class HorenConfig:
     threshold: float = 0.8
     # the lower minimum for a prompt that names the edit's subject and passes its relation gate
     subject_threshold: float = 0.6
+    # the higher minimum for an edit with no subject (none given, none inferred): nothing else gates
+    # it, and among thousands of keys one such as "panela, developed in" is near many questions of
+    # its relation about other subjects
+    unnamed_threshold: float = 0.9
     # Adam learning rate for the value vector
     lr: float = 8.0
     # Adam betas: short memories, because each edit is a fresh ~10-step problem
@@ -96,5 +100,5 @@ class HorenConfig:
             raise ConfigError("repeat_guard must be 0 (off) or at least 2")
         if self.hopfield_steps < 0 or self.max_steps < 1:
             raise ConfigError("hopfield_steps must be >= 0 and max_steps >= 1")
-        if not -1.0 <= self.threshold <= 1.0 or not -1.0 <= self.subject_threshold <= 1.0:
-            raise ConfigError("threshold and subject_threshold are cosines and must be in [-1, 1]")
+        if not all(-1.0 <= t <= 1.0 for t in (self.threshold, self.subject_threshold, self.unnamed_threshold)):
+            raise ConfigError("threshold, subject_threshold and unnamed_threshold are cosines and must be in [-1, 1]")

@@ -50,7 +50,8 @@ class GatedRouter:
         subject it does not mention, nor (with ``negations``) one whose target it rules out
         (``rules_out``); with ``relation`` (row, subject -> the row's relation vector), none whose
         edit's vector is too far from the row's. A row below ``threshold`` (down to
-        ``subject_threshold``) reads an entry only when both gates were checked. With ``texts``, a
+        ``subject_threshold``) reads an entry only when both gates were checked, and an entry of
+        an edit with no subject only from ``unnamed_threshold``. With ``texts``, a
         row turned down by its best entry reads the first of the ``runners_up`` next ones that its
         gates let through, then (with ``subject_lookup``) the entries of the edits whose subject it
         names, nearest first. Returns the values, entry ids (None: not routed) and cosines."""
@@ -117,6 +118,7 @@ class GatedRouter:
         gated = bool(subject) and relation is not None and self.gate is not None and owner in self.store.gates
         return (
             (gated or not below)
+            and (bool(subject) or score >= self.config.unnamed_threshold)
             and mentions(subject, texts[i])
             and not (self.config.negations and rules_out(self._target(entry), texts[i]))
             and self._same_relation(entry, relation, i, subject)

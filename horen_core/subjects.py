@@ -61,9 +61,19 @@ def normalise(text: str) -> str:
 
 
 def mentions(subject: str, text: str) -> bool:
-    """Whether ``text`` mentions ``subject`` (case and runs of whitespace ignored); an empty subject
-    is mentioned everywhere."""
-    return not subject or normalise(subject) in normalise(text)
+    """Whether ``text`` mentions ``subject`` as whole words (case and runs of whitespace ignored:
+    "Berg Municipality" is not in "Sundbyberg Municipality"); an empty subject is mentioned
+    everywhere."""
+    if not subject:
+        return True
+    s, t = normalise(subject), normalise(text)
+    at = t.find(s)
+    while at >= 0:
+        end = at + len(s)
+        if (at == 0 or not t[at - 1].isalnum()) and (end == len(t) or not t[end].isalnum()):
+            return True
+        at = t.find(s, at + 1)
+    return False
 
 
 def resolve_subject(question: str, subject: str | None) -> str:
@@ -111,7 +121,7 @@ class SubjectIndex:
         found: list[int] = []
         for word in dict.fromkeys(_RUN.findall(norm)):
             for edit_id, subject in self._by_word.get(word, {}).items():
-                if normalise(subject) in norm:
+                if mentions(subject, norm):
                     found.append(edit_id)
         return found
 

@@ -33,6 +33,9 @@ def test_mentions_ignores_case_and_spacing_and_empty_means_any():
     assert mentions("Lola Beeth", "where was lola   beeth born?")
     assert not mentions("Lola Beeth", "Where was Lola Beet born?")
     assert mentions("", "anything")
+    assert not mentions("Berg Municipality", "In Sundbyberg Municipality, the language is")
+    assert not mentions("Paris", "A Parisian in Rome") and mentions("Paris", "Paris's mayor")
+    assert mentions("Sleater-Kinney", "Is sleater-kinney from Canada?")
     assert resolve_subject("What voice type is Lola Beeth?", None) == "Lola Beeth"
     assert resolve_subject("What voice type is Lola Beeth?", "  Beeth ") == "Beeth"
     assert resolve_subject("what is it?", None) == ""
@@ -146,3 +149,19 @@ def test_a_prompt_that_rules_the_target_out_does_not_read_the_edit(tiny_factory,
     assert routed("The capital of France is") == edit.entry_id
     editor.config.negations = False
     assert routed("The capital of France, which is not Rome, is") == edit.entry_id
+
+
+def test_an_edit_without_a_subject_needs_a_closer_match(tiny_factory, tiny_tokenizer, make_editor):
+    """Nothing but its key gates an edit with no subject, so it is read only from
+    ``unnamed_threshold`` (0.9), where a named edit is read from ``threshold``."""
+    editor = make_editor(tiny_factory("llama"), tiny_tokenizer, CFG)
+    edit = editor.edit("the capital of France is", "Rome", subject="")
+    key = torch.nn.functional.normalize(edit.key, dim=-1)
+    other = torch.nn.functional.normalize(torch.randn(key.shape[0], generator=torch.Generator().manual_seed(0)), dim=-1)
+    other = torch.nn.functional.normalize(other - (other @ key) * key, dim=-1)
+    query = (0.83 * key + (1 - 0.83**2) ** 0.5 * other)[None]  # cosine 0.83 to the key
+    _, entries, scores = editor.routing.route(query, ["the capital of France is"])
+    assert 0.8 <= float(scores[0]) < 0.9 and entries[0] is None
+    editor.config.unnamed_threshold = 0.8
+    assert editor.routing.route(query, ["the capital of France is"])[1][0] == edit.entry_id
+    assert editor.routing.route(key[None], ["the capital of France is"])[1][0] == edit.entry_id
