@@ -12,6 +12,7 @@ question with no such run has no subject and its edit applies wherever its key r
 from __future__ import annotations
 
 import re
+import unicodedata
 
 _WORD = re.compile(r"\w[\w'’.\-]*")
 # words that open a sentence with a capital without naming anything
@@ -60,13 +61,23 @@ def normalise(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
-def mentions(subject: str, text: str) -> bool:
-    """Whether ``text`` mentions ``subject`` as whole words (case and runs of whitespace ignored:
-    "Berg Municipality" is not in "Sundbyberg Municipality"); an empty subject is mentioned
-    everywhere."""
-    if not subject:
-        return True
-    s, t = normalise(subject), normalise(text)
+def fold(text: str) -> str:
+    """``text`` as names are compared: case, accents and runs of whitespace ignored."""
+    text = unicodedata.normalize("NFKD", text.replace("’", "'"))
+    return normalise("".join(c for c in text if not unicodedata.combining(c)))
+
+
+def variants(subject: str) -> list[str]:
+    """The folded forms of a subject a text may use: as it is, and without its one-letter middle
+    initials ("Tim J. Rankin" is also "Tim Rankin")."""
+    whole = fold(subject)
+    words = whole.split()
+    bare = [w for i, w in enumerate(words) if not (0 < i < len(words) - 1 and len(w.rstrip(".")) == 1)]
+    return [whole] if len(bare) == len(words) else [whole, " ".join(bare)]
+
+
+def _mentioned(s: str, t: str) -> bool:
+    """Whether the folded ``t`` holds the folded ``s`` as whole words."""
     at = t.find(s)
     while at >= 0:
         end = at + len(s)
@@ -74,6 +85,16 @@ def mentions(subject: str, text: str) -> bool:
             return True
         at = t.find(s, at + 1)
     return False
+
+
+def mentions(subject: str, text: str) -> bool:
+    """Whether ``text`` mentions ``subject`` (one of its ``variants``) as whole words, case, accents
+    and spacing ignored ("Ruben Acosta" names "Rubén Acosta"; "Berg Municipality" is not in
+    "Sundbyberg Municipality"); an empty subject is mentioned everywhere."""
+    if not subject:
+        return True
+    t = fold(text)
+    return any(_mentioned(s, t) for s in variants(subject))
 
 
 def resolve_subject(question: str, subject: str | None) -> str:
@@ -88,9 +109,9 @@ _RUN = re.compile(r"\w+")
 
 class SubjectIndex:
     """Which edits' subjects a text names, without testing every subject: each subject is filed
-    under its first word, and a text's words pick the subjects that may start there, confirmed with
-    ``mentions``. A subject is found only where it starts a word ("Paris" in "Paris, France", not
-    in "Parisian"); a subject with no word characters is never found."""
+    under the first word of each of its ``variants``, and a text's words pick the subjects that may
+    start there, confirmed with ``mentions``. A subject is found only as whole words ("Paris" in
+    "Paris, France", not in "Parisian"); a subject with no word characters is never found."""
 
     def __init__(self, subjects: dict[int, str] | None = None) -> None:
         self._by_word: dict[str, dict[int, str]] = {}
@@ -98,48 +119,42 @@ class SubjectIndex:
             self.add(edit_id, subject)
 
     @staticmethod
-    def _first_word(subject: str) -> str | None:
-        m = _RUN.search(normalise(subject))
-        return m.group() if m else None
+    def _first_words(subject: str) -> set[str]:
+        return {m.group() for v in variants(subject) if (m := _RUN.search(v))}
 
     def add(self, edit_id: int, subject: str) -> None:
-        word = self._first_word(subject)
-        if word is not None:
+        for word in self._first_words(subject):
             self._by_word.setdefault(word, {})[edit_id] = subject
 
     def discard(self, edit_id: int, subject: str) -> None:
-        word = self._first_word(subject)
-        edits = self._by_word.get(word) if word is not None else None
-        if edits is not None:
-            edits.pop(edit_id, None)
-            if not edits:
-                del self._by_word[word]
+        for word in self._first_words(subject):
+            edits = self._by_word.get(word)
+            if edits is not None:
+                edits.pop(edit_id, None)
+                if not edits:
+                    del self._by_word[word]
 
     def named(self, text: str) -> list[int]:
         """The edit ids whose subject ``text`` mentions, each once."""
-        norm = normalise(text)
-        found: list[int] = []
-        for word in dict.fromkeys(_RUN.findall(norm)):
+        folded = fold(text)
+        found: dict[int, None] = {}
+        for word in dict.fromkeys(_RUN.findall(folded)):
             for edit_id, subject in self._by_word.get(word, {}).items():
-                if mentions(subject, norm):
-                    found.append(edit_id)
-        return found
+                if edit_id not in found and mentions(subject, folded):
+                    found[edit_id] = None
+        return list(found)
 
 
 # words that rule out what follows them ("which is not geohasher", "other than Paris")
 _NEGATIONS = r"(?:(?<![\w'])(?:not|never|other than|besides|except|apart from|excluding|rather than|instead of)|n't)"
 
 
-def _plain(text: str) -> str:
-    return normalise(text.replace("’", "'"))
-
-
 def rules_out(target: str, text: str) -> bool:
     """Whether ``text`` rules ``target`` out: a negation right before it ("The occupation of X,
-    which is not geohasher, is"; "not a", "not the" allowed between), case and spacing ignored,
-    the target as whole words."""
-    t = _plain(target)
+    which is not geohasher, is"; "not a", "not the" allowed between), case, accents and spacing
+    ignored, the target as whole words."""
+    t = fold(target)
     if not t:
         return False
     pattern = _NEGATIONS + r"\s+(?:(?:a|an|the)\s+)?" + re.escape(t) + r"(?!\w)"
-    return re.search(pattern, _plain(text)) is not None
+    return re.search(pattern, fold(text)) is not None

@@ -36,6 +36,9 @@ def test_mentions_ignores_case_and_spacing_and_empty_means_any():
     assert not mentions("Berg Municipality", "In Sundbyberg Municipality, the language is")
     assert not mentions("Paris", "A Parisian in Rome") and mentions("Paris", "Paris's mayor")
     assert mentions("Sleater-Kinney", "Is sleater-kinney from Canada?")
+    assert mentions("Rubén Acosta", "The citizenship of Ruben Acosta is") and mentions("Ervin Sima", "Ervin Šima's job")
+    assert mentions("Tim J Rankin", "The employer of Tim Rankin is") and mentions("Tim J. Rankin", "tim rankin")
+    assert not mentions("Tim J Rankin", "The employer of Tim Jones is") and not mentions("J Rankin", "Rankin")
     assert resolve_subject("What voice type is Lola Beeth?", None) == "Lola Beeth"
     assert resolve_subject("What voice type is Lola Beeth?", "  Beeth ") == "Beeth"
     assert resolve_subject("what is it?", None) == ""
@@ -110,6 +113,10 @@ def test_subject_index_finds_names_at_word_starts_and_follows_changes():
     assert index.named("Where is paris?") == [1]
     assert index.named("A Parisian in New   York") == [2, 4]
     assert index.named("!! anything") == []
+    index.add(6, "Rubén J. Acosta")
+    assert index.named("Where was Ruben Acosta born?") == [6]
+    index.discard(6, "Rubén J. Acosta")
+    assert index.named("Where was Ruben Acosta born?") == []
     index.discard(2, "New York")
     index.add(5, "Parisian")
     assert sorted(index.named("A Parisian in New York")) == [4, 5]
